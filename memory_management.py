@@ -1,0 +1,233 @@
+"""Device, dtype and offloading policy: the one place that decides where models live.
+
+Nothing here runs at import time: the device is chosen on first use (CUDA, then Apple MPS, then
+CPU), so importing this module never initialises CUDA. The decision is logged once.
+
+Offloading follows the original's semantics: ``load_models_to_gpu(models)`` makes exactly
+``models`` resident on the compute device and, unless high-VRAM mode is on, moves every other
+model it put there back to the CPU; ``unload_all_models(extra)`` moves everything back.
+Three VRAM modes (see ``VRAM_MODES``) are picked automatically from free memory or by flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+
+#: ``high``: every model stays resident; ``normal``: one stage resident (the original's policy);
+#: ``low``: like normal plus sub-model offload, chunked decodes and sliced attention.
+VRAM_MODES = ("high", "normal", "low")
+
+#: Free-memory thresholds used by ``decide_vram_mode`` when no mode is forced.
+HIGH_VRAM_MIN_FREE = 22 * GiB
+NORMAL_VRAM_MIN_FREE = 10 * GiB
+
+# Runtime dtypes of the original on CUDA. Keys are component roles used across the project.
+_CUDA_DTYPES = {
+    "sf_unet": torch.float16,
+    "sf_text_encoder": torch.float16,
+    "sf_vae": torch.bfloat16,  # the original keeps the single-frame VAE in bf16
+    "mf_unet": torch.float16,
+    "mf_text_encoder": torch.float16,
+    "mf_vae": torch.float16,
+    "mf_image_encoder": torch.float16,
+    "mf_image_projection": torch.float16,
+    "lineart": torch.float32,
+}
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def select_device(preferred: str | torch.device | None = None) -> torch.device:
+    """The compute device: ``preferred`` (or ``$PAINTS_UNDO_DEVICE``), else CUDA, MPS, CPU.
+
+    Raises ``ValueError`` with one actionable sentence when the preferred device is unusable.
+    """
+    preferred = preferred if preferred is not None else os.environ.get("PAINTS_UNDO_DEVICE") or None
+    if preferred is not None:
+        device = torch.device(preferred)
+        if device.type == "cuda" and not _cuda_available():
+            raise ValueError(f"Device '{preferred}' was requested but no CUDA GPU is available; use --device cpu.")
+        if device.type == "mps" and not _mps_available():
+            raise ValueError(f"Device '{preferred}' was requested but Apple MPS is not available; use --device cpu.")
+        return device
+    if _cuda_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a sensible compute dtype on ``device``."""
+    if device.type == "cpu":
+        return dtype == torch.float32
+    if device.type == "mps":
+        return dtype in (torch.float32, torch.float16)
+    if device.type == "cuda" and dtype == torch.float16:
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= 6
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def dtype_for(component: str, device: torch.device) -> torch.dtype:
+    """Compute dtype of one component on ``device``.
+
+    CUDA: the original's dtypes (UNets and encoders fp16, the single-frame VAE bf16); bf16 where
+    fp16 is unsupported (and vice versa). CPU: fp32 (half precision on CPU is slow and inexact).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.float32
+    wanted = _CUDA_DTYPES.get(component, torch.float16)
+    if device.type == "mps":
+        return torch.float32 if wanted == torch.float32 else torch.float16
+    if supports_dtype(device, wanted):
+        return wanted
+    for fallback in (torch.bfloat16, torch.float16):
+        if supports_dtype(device, fallback):
+            return fallback
+    return torch.float32
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes usable on ``device`` (driver free memory plus what torch holds in its cache)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        allocated = torch.cuda.memory_allocated(device)
+        return int(free + (reserved - allocated))
+    if device.type == "mps":
+        recommended = getattr(torch.mps, "recommended_max_memory", None)
+        if recommended is not None:
+            return int(recommended() - torch.mps.current_allocated_memory())
+        return 8 * GiB
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil is a gradio dependency, normally present
+        return 16 * GiB
+
+
+def decide_vram_mode(device: torch.device, forced: str | None = None) -> str:
+    """``forced`` if given, else ``high``/``normal``/``low`` from the free memory of ``device``."""
+    if forced is not None:
+        if forced not in VRAM_MODES:
+            raise ValueError(f"Unknown VRAM mode '{forced}'; choose one of {', '.join(VRAM_MODES)}.")
+        return forced
+    device = torch.device(device)
+    if device.type == "cpu":
+        # Models already live in system memory: moving them around only costs time.
+        return "high"
+    free = free_memory(device)
+    if free >= HIGH_VRAM_MIN_FREE:
+        return "high"
+    if free >= NORMAL_VRAM_MIN_FREE:
+        return "normal"
+    return "low"
+
+
+@dataclass
+class MemoryManager:
+    """Moves models between the CPU and the compute device according to a VRAM mode.
+
+    One instance per pipeline owner (app, CLI, test); it holds the only mutable residency state.
+    """
+
+    device: torch.device
+    vram_mode: str = "normal"
+    offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _resident: list = field(default_factory=list)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @classmethod
+    def create(cls, device: str | torch.device | None = None, vram_mode: str | None = None) -> "MemoryManager":
+        dev = select_device(device)
+        mode = decide_vram_mode(dev, vram_mode)
+        free = free_memory(dev)
+        logger.info(
+            "Compute device %s, VRAM mode '%s' (%s; %.1f GiB free)",
+            dev,
+            mode,
+            "forced" if vram_mode else "chosen from free memory",
+            free / GiB,
+        )
+        return cls(device=dev, vram_mode=mode)
+
+    @property
+    def high_vram(self) -> bool:
+        return self.vram_mode == "high"
+
+    def dtype_for(self, component: str) -> torch.dtype:
+        return dtype_for(component, self.device)
+
+    @property
+    def resident_models(self) -> list:
+        return list(self._resident)
+
+    def load_models_to_gpu(self, models: torch.nn.Module | Iterable[torch.nn.Module]) -> None:
+        """Make ``models`` resident on the compute device; offload the others unless high-VRAM."""
+        if isinstance(models, torch.nn.Module):
+            models = [models]
+        wanted = _unique(models)
+        with self._lock:
+            if not self.high_vram:
+                for m in self._resident:
+                    if not any(m is w for w in wanted):
+                        m.to(self.offload_device)
+                        logger.debug("Unloaded %s to %s", type(m).__name__, self.offload_device)
+                self._resident = [m for m in self._resident if any(m is w for w in wanted)]
+            for m in wanted:
+                if not any(m is r for r in self._resident):
+                    m.to(self.device)
+                    self._resident.append(m)
+                    logger.debug("Loaded %s to %s", type(m).__name__, self.device)
+        self.empty_cache()
+
+    def unload_all_models(self, extra_models: torch.nn.Module | Iterable[torch.nn.Module] | None = None) -> None:
+        """Move every resident model (and ``extra_models``) back to the CPU."""
+        if extra_models is None:
+            extra_models = []
+        if isinstance(extra_models, torch.nn.Module):
+            extra_models = [extra_models]
+        with self._lock:
+            for m in _unique(list(self._resident) + list(extra_models)):
+                m.to(self.offload_device)
+            self._resident = []
+        self.empty_cache()
+
+    def empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            with contextlib.suppress(Exception):
+                torch.mps.empty_cache()
+
+
+def _unique(models: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    out: list[torch.nn.Module] = []
+    for m in models:
+        if not any(m is o for o in out):
+            out.append(m)
+    return out

@@ -1,0 +1,62 @@
+"""Shared pytest fixtures: materialized tiny repositories and a per-session results folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub: fail fast instead of retrying for ~24 s per call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from golden import materialize_repo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sf_repo(tmp_path_factory) -> Path:
+    """The tiny single-frame repository with its derived weights written to disk."""
+    return materialize_repo("paints_undo_single_frame", tmp_path_factory.mktemp("repos") / "paints_undo_single_frame")
+
+
+@pytest.fixture(scope="session")
+def tiny_mf_repo(tmp_path_factory) -> Path:
+    """The tiny multi-frame repository with its derived weights written to disk."""
+    return materialize_repo("paints_undo_multi_frame", tmp_path_factory.mktemp("repos") / "paints_undo_multi_frame")
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory, tiny_sf_repo, tiny_mf_repo) -> Path:
+    """A models folder in the layout ``--models-dir`` expects (both repos + the tiny tagger)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_sf_repo, root / "paints_undo_single_frame")
+    shutil.copytree(tiny_mf_repo, root / "paints_undo_multi_frame")
+    tagger_src = TESTS / "fixtures" / "golden" / "tagger"
+    for name in ("wd-v1-4-moat-tagger-v2.onnx", "wd-v1-4-moat-tagger-v2.csv"):
+        shutil.copy(tagger_src / name, root / name)
+    return root
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Write and summarise the golden-vector resolution report (max error per case output)."""
+    import golden
+
+    if not golden.REPORT:
+        return
+    out_dir = ROOT / "test-artifacts"
+    out_dir.mkdir(exist_ok=True)
+    lines = ["| case / output | max abs error | tolerance |", "|---|---|---|"]
+    lines += [f"| {name} | {err:.3g} | {tol} |" for name, err, tol in sorted(golden.REPORT)]
+    (out_dir / "golden_report.md").write_text("\n".join(lines) + "\n")
+    terminalreporter.write_sep("-", f"golden report: {len(golden.REPORT)} comparisons -> test-artifacts/golden_report.md")
