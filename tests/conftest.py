@@ -35,8 +35,36 @@ def tiny_mf_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory, tiny_sf_repo, tiny_mf_repo) -> Path:
-    """A models folder in the layout ``--models-dir`` expects (both repos + the tiny tagger)."""
+def lineart_weights_dir(tmp_path_factory) -> Path:
+    """The four public line-art files (``sk_model.pth``, ``sk_model2.pth``, ``netG.pth``, ``erika.pth``)
+    with the derived weights and seeds of the line-art golden cases; netG/erika carry a ``module.``
+    prefix, as the goldens were produced."""
+    import json
+
+    import torch
+
+    from golden import REFERENCE, derive_state_dict, load_case
+
+    def layout(component: str) -> dict:
+        return json.loads((REFERENCE / "keys" / f"{component}.json").read_text())["keys"]
+
+    def prefixed(sd: dict) -> dict:
+        return {f"module.{k}": v for k, v in sd.items()}
+
+    root = tmp_path_factory.mktemp("annotators")
+    for filename, seed in load_case("lineart_sk")[0]["seed"].items():
+        torch.save(derive_state_dict(layout("lineart_sk"), seed), root / filename)
+    seed = load_case("lineart_anime")[0]["seed"]["netG.pth"]
+    torch.save(prefixed(derive_state_dict(layout("lineart_anime"), seed)), root / "netG.pth")
+    seed = load_case("manga_line")[0]["seed"]["erika.pth"]
+    torch.save(prefixed(derive_state_dict(layout("manga_line"), seed)), root / "erika.pth")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory, tiny_sf_repo, tiny_mf_repo, lineart_weights_dir) -> Path:
+    """A models folder in the layout ``--models-dir`` expects: both repos, the tiny tagger and the
+    line-art files (linked, not copied)."""
     import shutil
 
     root = tmp_path_factory.mktemp("models")
@@ -45,6 +73,8 @@ def tiny_models_dir(tmp_path_factory, tiny_sf_repo, tiny_mf_repo) -> Path:
     tagger_src = TESTS / "fixtures" / "golden" / "tagger"
     for name in ("wd-v1-4-moat-tagger-v2.onnx", "wd-v1-4-moat-tagger-v2.csv"):
         shutil.copy(tagger_src / name, root / name)
+    for weights in lineart_weights_dir.iterdir():
+        (root / weights.name).symlink_to(weights)
     return root
 
 

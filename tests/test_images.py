@@ -88,6 +88,8 @@ def test_numpy2pytorch_golden():
     expected = TENSORS["n2p_out"]
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert torch.equal(got, expected)  # exact: same float32 ops as the original
+    # Same memory layout as the original's movedim view (channels-last): kernels choose by layout.
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
 
 
 def test_pytorch2numpy_golden():

@@ -58,16 +58,9 @@ def _uint8_err(got: np.ndarray, expected: torch.Tensor, name: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    """All four public files with derived weights, as the golden cases were produced."""
-    root = tmp_path_factory.mktemp("annotators")
-    for filename, seed in SK_CASE["seed"].items():
-        torch.save(derive_state_dict(_layout("lineart_sk"), seed), root / filename)
-    anime_sd = derive_state_dict(_layout("lineart_anime"), ANIME_CASE["seed"]["netG.pth"])
-    torch.save(_prefixed(anime_sd), root / "netG.pth")
-    manga_sd = derive_state_dict(_layout("manga_line"), MANGA_CASE["seed"]["erika.pth"])
-    torch.save(_prefixed(manga_sd), root / "erika.pth")
-    return root
+def weights_dir(lineart_weights_dir):
+    """All four public files with derived weights, as the golden cases were produced (see conftest)."""
+    return lineart_weights_dir
 
 
 @pytest.fixture(scope="module")

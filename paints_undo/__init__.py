@@ -1,0 +1,33 @@
+"""Headless Paints-UNDO: the API shared by the Gradio app, the command-line tool and the tests.
+
+Importing this package loads no model, touches no GPU and no network; models are loaded by a
+``ModelManager`` on first use.
+"""
+
+from .errors import Cancelled, InvalidInputError, ModelLoadError, ModelsNotAvailableError, OutOfMemory, PaintsUndoError
+from .keyframes import DEFAULT_NEGATIVE_PROMPT, DEFAULT_UNDO_STEPS, generate_keyframes
+from .models import ModelManager, ModelSources, default_manager
+from .progress import ProgressEvent
+from .video import DEFAULT_BUCKETS, VideoResult, VideoSegment, generate_video, iter_video_segments, parse_buckets
+
+__all__ = [
+    "Cancelled",
+    "DEFAULT_BUCKETS",
+    "DEFAULT_NEGATIVE_PROMPT",
+    "DEFAULT_UNDO_STEPS",
+    "InvalidInputError",
+    "ModelLoadError",
+    "ModelManager",
+    "ModelSources",
+    "ModelsNotAvailableError",
+    "OutOfMemory",
+    "PaintsUndoError",
+    "ProgressEvent",
+    "VideoResult",
+    "VideoSegment",
+    "default_manager",
+    "generate_keyframes",
+    "generate_video",
+    "iter_video_segments",
+    "parse_buckets",
+]

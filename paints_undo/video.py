@@ -1,0 +1,284 @@
+"""Step 3: in-between frames for each pair of keyframes, assembled blank-canvas-first.
+
+The original ``process_video`` / ``process_video_inner``: for keyframe pair ``i`` it seeds with
+``seed + i``, crops both frames to the best bucket, conditions the video model on text, CLIP-vision
+(via the Resampler) and the first/last-frame latents, samples 16 frames and decodes them with the
+encoder's reference features. Each segment drops its last frame; the segments are concatenated and
+the whole clip is flipped in time, so the video runs from the blank canvas to the finished picture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+from .images import ImageSource, find_best_bucket, load_image_rgb, numpy2pytorch, resize_and_center_crop
+from .models import ModelManager, default_manager
+from .progress import CancelFlag, ProgressCallback, ProgressEvent, RunControl
+from .runtime import out_of_memory_guard
+
+logger = logging.getLogger(__name__)
+
+#: The original's (height, width) buckets of the video model.
+DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((320, 512), (384, 448), (448, 384), (512, 320))
+DEFAULT_VIDEO_PROMPT = "1girl, masterpiece, best quality"
+DEFAULT_VIDEO_SEED = 123
+DEFAULT_VIDEO_STEPS = 50
+DEFAULT_VIDEO_CFG = 7.5
+DEFAULT_FPS = 4
+FRAMES_PER_SEGMENT = 16
+FRAME_STRIDE = 3  # the ``fs`` conditioning the original always passes
+MAX_VIDEO_STEPS = 999
+
+
+def parse_buckets(text: str | Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
+    """``"320x512,384x448"`` (height x width) or pairs -> validated bucket tuple; ``None`` -> defaults."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return DEFAULT_BUCKETS
+    if isinstance(text, str):
+        pairs = []
+        for part in text.replace(";", ",").split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            try:
+                h, w = (int(v) for v in part.split("x"))
+            except ValueError:
+                raise InvalidInputError(
+                    f"Video bucket '{part}' is not HEIGHTxWIDTH (e.g. '320x512,384x448,448x384,512x320')."
+                ) from None
+            pairs.append((h, w))
+    else:
+        pairs = [(int(h), int(w)) for h, w in text]
+    if not pairs:
+        raise InvalidInputError("Give at least one video bucket (HEIGHTxWIDTH).")
+    for h, w in pairs:
+        if h < 16 or w < 16 or h % 8 or w % 8 or h * w > 2048 * 2048:
+            raise InvalidInputError(f"Video bucket {h}x{w} must be multiples of 8 between 16 and 2048.")
+    return tuple(pairs)
+
+
+def check_buckets_fit(buckets: Sequence[tuple[int, int]], unet: torch.nn.Module) -> None:
+    """Each side must survive the VAE (/8) and every UNet downsampling: multiples of 8 * 2**(levels - 1)."""
+    levels = len(getattr(unet, "config", {}).get("channel_mult", [1, 1, 1, 1]))
+    multiple = 8 * 2 ** (levels - 1)
+    bad = [f"{h}x{w}" for h, w in buckets if h % multiple or w % multiple]
+    if bad:
+        raise InvalidInputError(f"Video buckets {', '.join(bad)} do not fit this model: use multiples of {multiple}.")
+
+
+@dataclass
+class VideoSegment:
+    """Frames of one keyframe pair, ready to show: uint8 (15, h, w, 3) in final (blank-first) order.
+
+    ``position`` is the segment's place in the final video (0 = the blank-canvas end).
+    """
+
+    index: int
+    count: int
+    frames: np.ndarray
+    cropped: tuple[np.ndarray, np.ndarray]
+    bucket: tuple[int, int]
+
+    @property
+    def position(self) -> int:
+        return self.count - 1 - self.index
+
+
+@dataclass
+class VideoResult:
+    """The whole clip, blank canvas first: uint8 (T, h, w, 3) with T = 15 * (keyframes - 1)."""
+
+    frames: np.ndarray
+    segments: list[VideoSegment] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cropped_first_keyframe(self) -> np.ndarray:
+        return self.segments[0].cropped[0]
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, t, h, w) in [-1, 1] -> uint8 (t, h, w, 3), truncating as the original's video writer."""
+    x = torch.clamp(video.float(), -1.0, 1.0) * 127.5 + 127.5
+    return x.detach().cpu().to(torch.uint8)[0].permute(1, 2, 3, 0).numpy()
+
+
+def _validate(keyframes: Sequence[Any], steps: Any, cfg: Any, seed: Any) -> tuple[int, float, int]:
+    if keyframes is None or len(keyframes) < 2:
+        raise InvalidInputError("A video needs at least two keyframes.")
+    try:
+        steps_i, cfg_f, seed_i = int(steps), float(cfg), int(seed)
+    except (TypeError, ValueError):
+        raise InvalidInputError("Video steps and seed must be whole numbers and CFG a number.") from None
+    if steps_i < 1 or steps_i > MAX_VIDEO_STEPS:
+        raise InvalidInputError(f"Video steps must be between 1 and {MAX_VIDEO_STEPS}, got {steps_i}.")
+    if not math.isfinite(cfg_f) or cfg_f <= 0:
+        raise InvalidInputError(f"CFG scale must be a positive number, got {cfg}.")
+    if seed_i < 0 or seed_i + len(keyframes) >= 2**63:
+        raise InvalidInputError(f"The seed must be between 0 and 2**63 - 1, got {seed_i}.")
+    return steps_i, cfg_f, seed_i
+
+
+def load_keyframe(item: Any) -> np.ndarray:
+    """A keyframe as uint8 RGB: arrays, PIL images, paths, or Gradio gallery ``(path, caption)`` items."""
+    if isinstance(item, (tuple, list)) and item and not isinstance(item, np.ndarray):
+        item = item[0]
+    if isinstance(item, dict):  # gradio FileData-like
+        item = item.get("path") or item.get("name") or item.get("image")
+    return load_image_rgb(item)
+
+
+class _ConditionCache:
+    """Text and negative-image conditions reused across the segments of one run (same inputs, same values)."""
+
+    def __init__(self) -> None:
+        self.text: dict[str, torch.Tensor] = {}
+        self.negative_image: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def interpolate_pair(
+    image_1: np.ndarray,
+    image_2: np.ndarray,
+    prompt: str,
+    seed: int,
+    steps: int,
+    cfg: float,
+    *,
+    models: ModelManager,
+    buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS,
+    fs: int = FRAME_STRIDE,
+    control: Optional[RunControl] = None,
+    segment: int = 0,
+    segments: int = 1,
+    cache: Optional[_ConditionCache] = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The original ``process_video_inner``: 16 frames from ``image_1`` to ``image_2`` (1, 3, 16, h, w)."""
+    control = control or RunControl()
+    cache = cache or _ConditionCache()
+    memory = models.memory
+    pipe = models.multi_frame().pipeline
+
+    target_height, target_width = find_best_bucket(image_1.shape[0], image_1.shape[1], options=buckets)
+    image_1 = resize_and_center_crop(image_1, target_width=target_width, target_height=target_height)
+    image_2 = resize_and_center_crop(image_2, target_width=target_width, target_height=target_height)
+    input_frames = numpy2pytorch([image_1, image_2]).unsqueeze(0).movedim(1, 2)  # (1, 3, 2, h, w)
+
+    if prompt not in cache.text or "" not in cache.text:
+        memory.load_models_to_gpu(pipe.text_encoder)
+        cache.text[prompt] = pipe.encode_cropped_prompt_77tokens(prompt)
+        cache.text[""] = pipe.encode_cropped_prompt_77tokens("")
+    positive_text_cond, negative_text_cond = cache.text[prompt], cache.text[""]
+    control.check()
+
+    memory.load_models_to_gpu([pipe.image_projection, pipe.image_encoder])
+    frames = input_frames.to(device=pipe.image_encoder.device, dtype=pipe.image_encoder.dtype)
+    positive_image_cond = pipe.image_projection(pipe.encode_clip_vision(frames))
+    key = (target_height, target_width)
+    if key not in cache.negative_image:
+        cache.negative_image[key] = pipe.image_projection(pipe.encode_clip_vision(torch.zeros_like(frames)))
+    negative_image_cond = cache.negative_image[key]
+    control.check()
+
+    memory.load_models_to_gpu([pipe.vae])
+    frames = input_frames.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+    latents_2, vae_hidden_states = pipe.encode_latents(frames, return_hidden_states=True)
+    first, last = latents_2[:, :, 0], latents_2[:, :, 1]
+    concat_cond = torch.stack([first] + [torch.zeros_like(first)] * (FRAMES_PER_SEGMENT - 2) + [last], dim=2)
+    control.check()
+
+    memory.load_models_to_gpu([pipe.unet])
+    # The original seeded the global RNGs with ``seed`` and the sampler drew from them; a private
+    # generator seeded the same way on the same device gives the same numbers, thread-safely.
+    generator = torch.Generator(device=pipe.unet.device).manual_seed(seed)
+    control.report(ProgressEvent("video", 0, steps, segment, segments))
+    latents = pipe(
+        batch_size=1,
+        steps=steps,
+        guidance_scale=cfg,
+        positive_text_cond=positive_text_cond,
+        negative_text_cond=negative_text_cond,
+        positive_image_cond=positive_image_cond,
+        negative_image_cond=negative_image_cond,
+        concat_cond=concat_cond,
+        fs=fs,
+        progress_tqdm=control.progress_tqdm,
+        callback=control.sampler_callback("video", steps, segment, segments),
+        generator=generator,
+        batch_cfg=models.batch_cfg,
+    )
+
+    memory.load_models_to_gpu([pipe.vae])
+    video = pipe.decode_latents(latents, vae_hidden_states)
+    return video, image_1, image_2
+
+
+def iter_video_segments(
+    keyframes: Sequence[ImageSource],
+    prompt: str = DEFAULT_VIDEO_PROMPT,
+    steps: int = DEFAULT_VIDEO_STEPS,
+    cfg: float = DEFAULT_VIDEO_CFG,
+    seed: int = DEFAULT_VIDEO_SEED,
+    *,
+    buckets: Sequence[Sequence[int]] | str | None = DEFAULT_BUCKETS,
+    models: Optional[ModelManager] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelFlag = None,
+    skip: Sequence[int] = (),
+) -> Iterator[VideoSegment]:
+    """Yield each keyframe pair's frames as soon as they are made (for streaming previews).
+
+    Segments come in processing order (pair 0 first), which is the *end* of the final video;
+    ``segment.position`` says where each one goes. ``skip`` lists segment indices not to compute
+    (the caller already has them, e.g. when resuming).
+    """
+    steps, cfg, seed = _validate(keyframes, steps, cfg, seed)
+    buckets = parse_buckets(buckets)
+    images = [load_keyframe(k) for k in keyframes]
+    prompt = "" if prompt is None else str(prompt)
+    models = models or default_manager()
+    control = RunControl(progress, cancel)
+    cache = _ConditionCache()
+    check_buckets_fit(buckets, models.multi_frame().pipeline.unet)
+    count = len(images) - 1
+    for i, (im1, im2) in enumerate(zip(images[:-1], images[1:])):
+        if i in skip:
+            continue
+        control.check()
+        with out_of_memory_guard(models), torch.inference_mode():
+            video, c1, c2 = interpolate_pair(im1, im2, prompt, seed + i, steps, cfg, models=models, buckets=buckets,
+                                             control=control, segment=i, segments=count, cache=cache)
+            frames = to_uint8_frames(video[:, :, :-1])[::-1].copy()
+        yield VideoSegment(index=i, count=count, frames=frames, cropped=(c1, c2), bucket=tuple(c1.shape[:2]))
+
+
+def assemble_video(segments: Sequence[VideoSegment]) -> np.ndarray:
+    """Concatenate segments in final order (blank canvas first)."""
+    ordered = sorted(segments, key=lambda s: s.position)
+    return np.concatenate([s.frames for s in ordered], axis=0)
+
+
+def generate_video(
+    keyframes: Sequence[ImageSource],
+    prompt: str = DEFAULT_VIDEO_PROMPT,
+    steps: int = DEFAULT_VIDEO_STEPS,
+    cfg: float = DEFAULT_VIDEO_CFG,
+    seed: int = DEFAULT_VIDEO_SEED,
+    *,
+    buckets: Sequence[Sequence[int]] | str | None = DEFAULT_BUCKETS,
+    models: Optional[ModelManager] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelFlag = None,
+) -> VideoResult:
+    """The original ``process_video``: all segments, assembled blank-canvas-first, as uint8 frames."""
+    segments = list(iter_video_segments(keyframes, prompt, steps, cfg, seed, buckets=buckets, models=models,
+                                        progress=progress, cancel=cancel))
+    settings = dict(prompt=prompt, steps=int(steps), cfg=float(cfg), seed=int(seed),
+                    buckets=[list(b) for b in parse_buckets(buckets)], frames_per_segment=FRAMES_PER_SEGMENT)
+    return VideoResult(frames=assemble_video(segments), segments=segments, settings=settings)
