@@ -1,0 +1,442 @@
+"""Paints-UNDO in the browser: the original's three steps as a thin UI over ``paints_undo``.
+
+Run ``python gradio_app.py`` (serves on http://127.0.0.1:7860). No model is loaded at import or at
+start-up: each model family loads on first use, and the page says which models are missing and how
+to provide them. All GPU work goes through one queue (one job at a time); Stop buttons end a run
+between two sampler steps; validation problems are shown as messages, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import gradio as gr
+import numpy as np
+
+import paints_undo
+from paints_undo import export
+from paints_undo.errors import Cancelled, PaintsUndoError
+from paints_undo.keyframes import (
+    DEFAULT_CFG,
+    DEFAULT_HEIGHT,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_UNDO_STEPS,
+    DEFAULT_WIDTH,
+)
+from paints_undo.models import ModelManager, ModelSources
+from paints_undo.progress import ProgressEvent
+from paints_undo.video import (
+    DEFAULT_FPS,
+    DEFAULT_VIDEO_CFG,
+    DEFAULT_VIDEO_PROMPT,
+    DEFAULT_VIDEO_SEED,
+    DEFAULT_VIDEO_STEPS,
+    assemble_video,
+    parse_buckets,
+)
+
+logger = logging.getLogger("gradio_app")
+
+ROOT = Path(__file__).resolve().parent
+BUCKETS_ENV = "PAINTS_UNDO_VIDEO_BUCKETS"
+AUTH_ENV = "PAINTS_UNDO_AUTH"
+EXAMPLES = [[str(ROOT / "imgs" / "1.png"), 12345, 123], [str(ROOT / "imgs" / "2.png"), 37000, 12345],
+            [str(ROOT / "imgs" / "3.png"), 3000, 3000]]
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Paints-UNDO web app")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
+    p.add_argument("--auth", default=os.environ.get(AUTH_ENV), help=f"USER:PASSWORD login (env {AUTH_ENV})")
+    p.add_argument("--video-buckets", default=os.environ.get(BUCKETS_ENV),
+                   help=f"video sizes HEIGHTxWIDTH,... (default: the original's four; env {BUCKETS_ENV})")
+    p.add_argument("--models-dir", default=None, help="folder holding paints_undo_single_frame/ and paints_undo_multi_frame/")
+    p.add_argument("--results-dir", default=os.environ.get("PAINTS_UNDO_RESULTS_DIR", str(ROOT / "results")))
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    vram = p.add_mutually_exclusive_group()
+    vram.add_argument("--high-vram", dest="vram_mode", action="store_const", const="high")
+    vram.add_argument("--low-vram", dest="vram_mode", action="store_const", const="low")
+    p.add_argument("--batch-cfg", action="store_true", help="both guidance branches in one batch (faster on GPUs)")
+    p.add_argument("--max-queue", type=int, default=16, help="waiting jobs before new ones are refused")
+    return p.parse_args(argv)
+
+
+def parse_auth(text: Optional[str]) -> Optional[tuple[str, str]]:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASSWORD.")
+    return user, password
+
+
+@dataclass
+class Services:
+    """What the UI calls: the model cache, settings and the per-session stop flags."""
+
+    models: ModelManager
+    buckets: tuple[tuple[int, int], ...]
+    results_dir: Path
+    _stops: dict[str, threading.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stop_flag(self, request: Optional[gr.Request]) -> threading.Event:
+        key = getattr(request, "session_hash", None) or "default"
+        with self._lock:
+            return self._stops.setdefault(key, threading.Event())
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+class UploadImage(gr.Image):
+    """``gr.Image`` whose unreadable uploads become a plain message instead of a processing error."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "image"  # same front-end component as gr.Image
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            logger.info("Rejected upload: %s", exc)
+            raise user_message("This file is not an image that can be read (PNG, JPEG, WebP, ...); upload another one.") from None
+
+
+def user_message(message: str, title: str = "Error") -> gr.Error:
+    """A message for the page; the server log gets no traceback for it (it is not a bug)."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show our errors as messages and never a traceback; log unexpected ones for the operator."""
+
+    def report(exc: BaseException) -> gr.Error:
+        if isinstance(exc, Cancelled):
+            return user_message("Stopped.", title="Stopped")
+        if isinstance(exc, (PaintsUndoError, ValueError, FileNotFoundError)):
+            return user_message(str(exc))
+        logger.exception("Unexpected error in %s", fn.__name__)
+        return user_message(f"Unexpected error ({type(exc).__name__}); the server keeps running and logged the details.")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise report(exc) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise report(exc) from None
+
+    return wrapper
+
+
+def run_in_worker(work: Callable[[Callable[[ProgressEvent], None], threading.Event], Any], stop: threading.Event,
+                  progress: Optional[gr.Progress]) -> Iterator[tuple[str, Any]]:
+    """Run ``work(progress_cb, stop)`` in a thread; yield ('progress', event) / ('item', x) / ('done', result).
+
+    If the consumer goes away (Stop, closed tab), ``stop`` is set and the worker ends at its next
+    sampler step instead of holding the GPU.
+    """
+    import queue
+
+    events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+
+    def on_progress(event: ProgressEvent) -> None:
+        events.put(("progress", event))
+
+    def target() -> None:
+        try:
+            result = work(on_progress, stop)
+            if hasattr(result, "__next__"):
+                for item in result:
+                    events.put(("item", item))
+                events.put(("done", None))
+            else:
+                events.put(("done", result))
+        except BaseException as exc:  # handed to the consumer, raised there
+            events.put(("error", exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "progress":
+                if progress is not None and value.total:
+                    progress((value.step, value.total), desc=value.description)
+                continue
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+    finally:
+        if thread.is_alive():
+            stop.set()
+
+
+def _keyframe_sources(gallery: Any, uploads: Any) -> list[Any]:
+    """Keyframes for step 3: the user's uploaded files if any, else the step-2 gallery."""
+    if uploads:
+        files = uploads if isinstance(uploads, list) else [uploads]
+        return [getattr(f, "name", f) for f in files]
+    return list(gallery or [])
+
+
+# -- event handlers -----------------------------------------------------------------------------------
+
+
+def make_handlers(services: Services) -> dict[str, Callable]:
+    @user_errors
+    def tag(image: Optional[str]) -> str:
+        if not image:
+            raise user_message("Upload an image first.")
+        return services.models.tag(image)
+
+    @user_errors
+    def keyframes(image, prompt, undo_steps, seed, width, height, steps, n_prompt, cfg,
+                  request: gr.Request = None, progress=gr.Progress()):
+        if not image:
+            raise user_message("Upload an image first.")
+        stop = services.stop_flag(request)
+        stop.clear()
+
+        def work(on_progress, stop_event):
+            return paints_undo.generate_keyframes(
+                image, prompt or "", list(undo_steps or []), width, height, seed, steps,
+                n_prompt or "", cfg, models=services.models, progress=on_progress, cancel=stop_event)
+
+        for kind, frames in run_in_worker(work, stop, progress):
+            if kind == "done":
+                yield [(f, f"key frame {i}") for i, f in enumerate(frames)]
+
+    @user_errors
+    def video(gallery, uploads, prompt, steps, cfg, fps, seed, request: gr.Request = None, progress=gr.Progress()):
+        sources = _keyframe_sources(gallery, uploads)
+        if len(sources) < 2:
+            raise user_message("Generate key frames first (Step 2) or upload at least two key frames.")
+        fps = int(fps)
+        if fps < 1:
+            raise user_message("FPS must be at least 1.")
+        stop = services.stop_flag(request)
+        stop.clear()
+        stem = export.unique_output_stem()
+        services.results_dir.mkdir(parents=True, exist_ok=True)
+        segments: list = []
+
+        def work(on_progress, stop_event):
+            return paints_undo.iter_video_segments(sources, prompt or "", steps, cfg, seed, buckets=services.buckets,
+                                                   models=services.models, progress=on_progress, cancel=stop_event)
+
+        previews: list[Path] = []
+        for kind, segment in run_in_worker(work, stop, progress):
+            if kind == "item":
+                segments.append(segment)
+                partial = assemble_video(segments)
+                preview = services.results_dir / f"{stem}_preview{len(segments)}.mp4"
+                export.write_mp4(partial, preview, fps=fps)
+                previews.append(preview)
+                yield str(preview), [(f, None) for f in partial], None
+        frames = assemble_video(segments)
+        settings = dict(prompt=prompt, steps=int(steps), cfg=float(cfg), seed=int(seed), fps=fps,
+                        buckets=[list(b) for b in services.buckets], keyframes=len(sources),
+                        device=str(services.models.memory.device), vram_mode=services.models.memory.vram_mode)
+        outputs = export.export_all(frames, services.results_dir, stem=stem, fps=fps, formats=("mp4", "zip"),
+                                    settings=settings)
+        for p in previews:
+            p.unlink(missing_ok=True)
+        files = [str(outputs[k]) for k in ("mp4", "zip", "json") if k in outputs]
+        yield str(outputs["mp4"]), [(f, None) for f in frames], files
+
+    def stop(request: gr.Request = None) -> None:
+        services.stop_flag(request).set()
+
+    return dict(tag=tag, keyframes=keyframes, video=video, stop=stop)
+
+
+# -- layout ------------------------------------------------------------------------------------------
+
+
+def missing_models_markdown(models: ModelManager) -> str:
+    try:
+        missing = models.missing_models()
+    except Exception as exc:  # never block start-up
+        return f"Could not check the model files: {exc}"
+    if not missing:
+        return ""
+    lines = ["**Some models are not available yet** (the app still runs; these steps will fail until fixed):"]
+    lines += [f"- {message}" for message in missing.values()]
+    return "\n".join(lines)
+
+
+def build_app(services: Services) -> gr.Blocks:
+    handlers = make_handlers(services)
+    gpu = dict(concurrency_id="gpu", concurrency_limit=1)
+
+    with gr.Blocks(title="Paints-Undo") as demo:
+        gr.Markdown("# Paints-Undo")
+        gr.Markdown(missing_models_markdown(services.models), elem_id="missing_models")
+
+        with gr.Accordion(label="Step 1: Upload Image and Generate Prompt", open=True):
+            with gr.Row():
+                with gr.Column():
+                    input_fg = UploadImage(sources=["upload"], type="filepath", format="png", label="Image", height=512,
+                                        elem_id="input_image")
+                with gr.Column():
+                    prompt_gen_button = gr.Button(value="Generate Prompt", interactive=False, elem_id="tag_button")
+                    prompt = gr.Textbox(label="Output Prompt", interactive=True, elem_id="prompt")
+
+        with gr.Accordion(label="Step 2: Generate Key Frames", open=True):
+            with gr.Row():
+                with gr.Column():
+                    input_undo_steps = gr.Dropdown(label="Operation Steps", value=list(DEFAULT_UNDO_STEPS),
+                                                   choices=list(range(1000)), multiselect=True, elem_id="undo_steps")
+                    seed = gr.Slider(label="Stage 1 Seed", minimum=0, maximum=50000, step=1, value=DEFAULT_SEED,
+                                     elem_id="seed")
+                    image_width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH,
+                                            step=64, elem_id="width")
+                    image_height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT,
+                                             step=64, elem_id="height")
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1,
+                                      elem_id="steps")
+                    cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01,
+                                    elem_id="cfg")
+                    n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id="n_prompt")
+                with gr.Column():
+                    with gr.Row():
+                        key_gen_button = gr.Button(value="Generate Key Frames", interactive=False,
+                                                   elem_id="keyframes_button")
+                        key_stop_button = gr.Button(value="Stop", variant="stop", elem_id="keyframes_stop")
+                    result_gallery = gr.Gallery(height=512, object_fit="contain", label="Outputs", columns=4,
+                                                format="png", elem_id="keyframes_gallery")
+
+        with gr.Accordion(label="Step 3: Generate All Videos", open=True):
+            with gr.Row():
+                with gr.Column():
+                    # As in the original: a generic prompt works better here than the tagger's.
+                    i2v_input_text = gr.Text(label="Prompts", value=DEFAULT_VIDEO_PROMPT, elem_id="video_prompt")
+                    i2v_seed = gr.Slider(label="Stage 2 Seed", minimum=0, maximum=50000, step=1,
+                                         value=DEFAULT_VIDEO_SEED, elem_id="video_seed")
+                    i2v_cfg_scale = gr.Slider(minimum=1.0, maximum=15.0, step=0.5, label="CFG Scale",
+                                              value=DEFAULT_VIDEO_CFG, elem_id="i2v_cfg_scale")
+                    i2v_steps = gr.Slider(minimum=1, maximum=60, step=1, elem_id="i2v_steps", label="Sampling steps",
+                                          value=DEFAULT_VIDEO_STEPS)
+                    i2v_fps = gr.Slider(minimum=1, maximum=30, step=1, elem_id="i2v_motion", label="FPS",
+                                        value=DEFAULT_FPS)
+                    own_keyframes = gr.File(label="Or upload your own key frames (finished picture first)",
+                                            file_count="multiple", file_types=["image"], elem_id="own_keyframes")
+                with gr.Column():
+                    with gr.Row():
+                        i2v_end_btn = gr.Button("Generate Video", interactive=False, elem_id="video_button")
+                        video_stop_button = gr.Button(value="Stop", variant="stop", elem_id="video_stop")
+                    i2v_output_video = gr.Video(label="Generated Video", elem_id="output_vid", autoplay=True, height=512)
+                    downloads = gr.File(label="Downloads (MP4, frames ZIP, settings JSON)", file_count="multiple",
+                                        interactive=False, elem_id="downloads")
+            with gr.Row():
+                i2v_output_images = gr.Gallery(height=512, label="Output Frames", object_fit="contain", columns=8,
+                                               format="png", elem_id="video_frames")
+
+        # Buttons become usable step by step, as in the original.
+        input_fg.change(lambda: ["", gr.update(interactive=True), gr.update(interactive=False),
+                                 gr.update(interactive=False)],
+                        outputs=[prompt, prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
+        prompt_gen_button.click(fn=handlers["tag"], inputs=[input_fg], outputs=[prompt], api_name="tag", **gpu).then(
+            lambda: [gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=False)],
+            outputs=[prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
+        key_event = key_gen_button.click(
+            fn=handlers["keyframes"],
+            inputs=[input_fg, prompt, input_undo_steps, seed, image_width, image_height, steps, n_prompt, cfg],
+            outputs=[result_gallery], api_name="keyframes", **gpu)
+        key_event.then(lambda: [gr.update(interactive=True)] * 3,
+                       outputs=[prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
+        own_keyframes.change(lambda files: gr.update(interactive=True) if files else gr.update(),
+                             inputs=[own_keyframes], outputs=[i2v_end_btn], api_visibility="private")
+        video_event = i2v_end_btn.click(
+            fn=handlers["video"],
+            inputs=[result_gallery, own_keyframes, i2v_input_text, i2v_steps, i2v_cfg_scale, i2v_fps, i2v_seed],
+            outputs=[i2v_output_video, i2v_output_images, downloads], api_name="video", **gpu)
+        key_stop_button.click(handlers["stop"], cancels=[key_event], queue=False, api_visibility="private")
+        video_stop_button.click(handlers["stop"], cancels=[video_event], queue=False, api_visibility="private")
+
+        gr.Examples(examples=EXAMPLES, inputs=[input_fg, seed, i2v_seed], examples_per_page=1024)
+    return demo
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def create_services(args: argparse.Namespace) -> Services:
+    models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
+                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg)
+    return Services(models=models, buckets=parse_buckets(args.video_buckets), results_dir=Path(args.results_dir))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+        services = create_services(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    public = args.share or args.host not in ("127.0.0.1", "localhost", "::1")
+    if public and auth is None:
+        logger.warning("=" * 72)
+        logger.warning("The app is reachable from other machines (%s) WITHOUT a login.",
+                       "share link" if args.share else f"--host {args.host}")
+        logger.warning("Anyone who can reach it can use your GPU. Add --auth USER:PASSWORD.")
+        logger.warning("=" * 72)
+    demo = build_app(services)
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                allowed_paths=[str(services.results_dir)], prevent_thread_lock=True, show_error=True)
+    if args.share and not getattr(demo, "share_url", None):
+        print("error: no share link could be created (no internet access to gradio.live?); "
+              "the app was not started. Run without --share to serve locally.", file=sys.stderr)
+        demo.close()
+        return 1
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
