@@ -160,6 +160,9 @@ class CrossAttention(nn.Module):
 
         self.causal = causal  # lower-triangular mask over frames (temporal attention only)
         self.attention_backend = "sdpa"
+        #: Attend this many batch entries at a time (0 = all). Exact; caps the memory of attention
+        #: kernels that materialise the score matrix (no flash attention on the device).
+        self.batch_chunk = 0
 
     def forward(self, x: torch.Tensor, context: ContextType = None, num_frames: Optional[int] = None) -> torch.Tensor:
         if self.is_temporal_attention:
@@ -167,6 +170,13 @@ class CrossAttention(nn.Module):
         return self._spatial_forward(x, context, num_frames)
 
     def _attend(self, q, k, v, mask=None):
+        chunk = self.batch_chunk
+        if chunk and q.shape[0] > chunk and k.shape[0] == q.shape[0]:
+            return torch.cat([
+                attention(q[i:i + chunk], k[i:i + chunk], v[i:i + chunk], self.heads, mask=mask,
+                          backend=self.attention_backend)
+                for i in range(0, q.shape[0], chunk)
+            ])
         return attention(q, k, v, self.heads, mask=mask, backend=self.attention_backend)
 
     def _temporal_forward(self, x: torch.Tensor, context: ContextType) -> torch.Tensor:

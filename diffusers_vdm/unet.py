@@ -407,6 +407,12 @@ class UNet3DModel(nn.Module):
             if isinstance(m, CrossAttention):
                 m.attention_backend = backend
 
+    def set_attention_batch_chunk(self, chunk: int) -> None:
+        """Attend ``chunk`` batch entries at a time (0 = all): exact, lower peak memory without flash kernels."""
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.batch_chunk = int(chunk)
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(

@@ -7,7 +7,7 @@ in-between frames keep the keyframes' detail. Parameter names match the official
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,25 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
 
 def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+def per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """``fn`` over the frames of ``x`` ``((b t), ...)``, ``chunk`` frames at a time (0 = all at once).
+
+    Only for functions that treat frames independently (2D convs, per-image norms and attention):
+    the result is exactly ``fn(x)``, but the peak memory of ``fn``'s temporaries shrinks with the
+    chunk. Chunks are written into one preallocated output, so nothing is concatenated.
+    """
+    n = x.shape[0]
+    if not chunk or n <= chunk:
+        return fn(x)
+    first = fn(x[:chunk])
+    out = first.new_empty((n,) + tuple(first.shape[1:]))
+    out[:chunk] = first
+    del first
+    for start in range(chunk, n, chunk):
+        out[start:start + chunk] = fn(x[start:start + chunk])
+    return out
 
 
 class DiagonalGaussianDistribution:
@@ -82,13 +101,14 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        # SiLU in place on the norms' fresh outputs: same values, one activation-sized buffer less.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)
 
 
 class Attention(nn.Module):
@@ -122,13 +142,18 @@ class ConvCombiner(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``x``: ``((b t), c, h, w)``; ``context``: ``(b, c, 2, h, w)`` (first and last frame)."""
+        """``x``: ``((b t), c, h, w)``; ``context``: ``(b, c, 2, h, w)`` (first and last frame).
+
+        Adds in place (as the original did through a rearranged view): ``x`` is the decoder's own
+        activation, and a copy would cost a full frame stack at the highest resolution.
+        """
         b, c, l, h, w = context.shape
         ctx = self.conv(context.transpose(1, 2).reshape(b * l, c, h, w)).reshape(b, l, c, h, w)
-        frames = x.reshape(b, x.shape[0] // b, c, h, w).clone()
+        x = x if x.is_contiguous() else x.contiguous()
+        frames = x.view(b, x.shape[0] // b, c, h, w)
         frames[:, 0] += ctx[:, 0]
         frames[:, -1] += ctx[:, -1]
-        return frames.reshape(x.shape)
+        return x
 
 
 class AttentionCombiner(nn.Module):
@@ -272,7 +297,10 @@ class TimeStackBlock(nn.Module):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip_connection(x) + self.out_layers(self.in_layers(x))
+        # The same layers as in_layers / out_layers, with SiLU in place on the norms' fresh outputs.
+        h = self.in_layers[2](F.silu(self.in_layers[0](x), inplace=True))
+        h = self.out_layers[3](self.out_layers[2](F.silu(self.out_layers[0](h), inplace=True)))
+        return h.add_(self.skip_connection(x))
 
 
 class VideoResBlock(ResnetBlock):
@@ -296,16 +324,21 @@ class VideoResBlock(ResnetBlock):
         return self.mix_factor if self.merge_strategy == "fixed" else torch.sigmoid(self.mix_factor)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None, timesteps: Optional[int] = None,
-                skip_video: bool = False) -> torch.Tensor:
-        """``x``: ``((b t), c, h, w)``; ``timesteps`` is the number of frames per clip."""
-        x = super().forward(x, temb)
+                skip_video: bool = False, frame_chunk: int = 0) -> torch.Tensor:
+        """``x``: ``((b t), c, h, w)``; ``timesteps`` is the number of frames per clip.
+
+        The per-frame part runs ``frame_chunk`` frames at a time (0 = all); the temporal part always
+        sees the whole clip (its group norm takes statistics over all frames).
+        """
+        x = per_frame(lambda f: ResnetBlock.forward(self, f, temb), x, frame_chunk)
         if skip_video:
             return x
         bt, c, h, w = x.shape
         x5 = x.view(bt // timesteps, timesteps, c, h, w).transpose(1, 2)
         mixed = self.time_stack(x5)
         alpha = self.get_alpha()
-        out = alpha * mixed + (1.0 - alpha) * x5
+        # alpha * mixed + (1 - alpha) * x5, with the same roundings, reusing ``mixed``'s buffer.
+        out = mixed.mul_(alpha).add_((1.0 - alpha) * x5)
         return out.transpose(1, 2).reshape(bt, c, h, w)
 
 
@@ -320,8 +353,9 @@ class DecoderConv3D(nn.Conv2d):
             padding = int(video_kernel_size // 2)
         self.time_mix_conv = nn.Conv3d(out_channels, out_channels, kernel_size=video_kernel_size, padding=padding)
 
-    def forward(self, input: torch.Tensor, timesteps: Optional[int] = None, skip_video: bool = False) -> torch.Tensor:
-        x = super().forward(input)
+    def forward(self, input: torch.Tensor, timesteps: Optional[int] = None, skip_video: bool = False,
+                frame_chunk: int = 0) -> torch.Tensor:
+        x = per_frame(super().forward, input, frame_chunk)
         if skip_video:
             return x
         bt, c, h, w = x.shape
@@ -340,6 +374,8 @@ class VideoDecoder(nn.Module):
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
         self.resolution = resolution
+        #: Frames per call of the per-frame layers (0 = all); exact, lowers the decoder's peak memory.
+        self.frame_chunk = 0
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
         self.attn_level = list(attn_level)
@@ -389,26 +425,27 @@ class VideoDecoder(nn.Module):
         """``z``: ``((b t), z, h, w)``; ``ref_context``: encoder features (first & last frame) per level."""
         if timesteps is None:
             timesteps = z.shape[0]
+        chunk = self.frame_chunk
         h = self.conv_in(z)
-        h = self.mid.block_1(h, timesteps=timesteps)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, timesteps=timesteps)
+        h = self.mid.block_1(h, timesteps=timesteps, frame_chunk=chunk)
+        h = per_frame(self.mid.attn_1, h, chunk)
+        h = self.mid.block_2(h, timesteps=timesteps, frame_chunk=chunk)
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):
-                h = block(h, timesteps=timesteps)
+                h = block(h, timesteps=timesteps, frame_chunk=chunk)
                 if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+                    h = per_frame(up.attn[i_block], h, chunk)
             if ref_context:
                 h = self.attn_refinement[i_level](h, ref_context[i_level])
             if i_level != 0:
-                h = up.upsample(h)
+                h = per_frame(up.upsample, h, chunk)
         if self.give_pre_end:
             return h
-        h = nonlinearity(self.norm_out(h))
+        h = per_frame(lambda f: F.silu(self.norm_out(f), inplace=True), h, chunk)
         if ref_context:
             h = self.attn_refinement[-1](h, ref_context[-1])
-        h = self.conv_out(h, timesteps=timesteps)
+        h = self.conv_out(h, timesteps=timesteps, frame_chunk=chunk)
         return torch.tanh(h) if self.tanh_out else h
 
 
@@ -459,8 +496,13 @@ class VideoAutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z, ref_context=ref_context, timesteps=timesteps)
 
-    def set_decoder_attention_chunk(self, frames: int) -> None:
-        """Limit the reference attention to ``frames`` frames per call (0 = all) to cap peak memory."""
+    def set_decoder_frame_chunk(self, frames: int) -> None:
+        """Decode ``frames`` frames at a time wherever the decoder works per frame (0 = all at once).
+
+        Exact: the temporal layers still see the whole clip. Lowers the decoder's peak memory, which
+        at 448x384 and 16 frames is the largest of the whole job.
+        """
+        self.decoder.frame_chunk = int(frames)
         for m in self.decoder.modules():
             if isinstance(m, AttentionCombiner):
-                m.frame_chunk = frames
+                m.frame_chunk = int(frames)

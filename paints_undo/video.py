@@ -211,7 +211,7 @@ def interpolate_pair(
         progress_tqdm=control.progress_tqdm,
         callback=control.sampler_callback("video", steps, segment, segments),
         generator=generator,
-        batch_cfg=models.batch_cfg,
+        batch_cfg=models.use_batch_cfg,
     )
 
     memory.load_models_to_gpu([pipe.vae])

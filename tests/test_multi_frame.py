@@ -189,14 +189,14 @@ def test_mf_vae_golden(pipe):
     assert_close(posterior.logvar, t["posterior_logvar"], tol, "mf_vae/posterior_logvar")
 
 
-def test_mf_vae_decoder_attention_chunking_is_exact(pipe):
+def test_mf_vae_decoder_frame_chunking_is_exact(pipe):
     case, t = load_case("mf_vae")
     hidden = [t[f"hidden_state_{i}"] for i in range(5)]
     try:
-        pipe.vae.set_decoder_attention_chunk(3)
+        pipe.vae.set_decoder_frame_chunk(3)
         chunked = pipe.decode_latents(t["latents"], hidden)
     finally:
-        pipe.vae.set_decoder_attention_chunk(0)
+        pipe.vae.set_decoder_frame_chunk(0)
     assert_close(chunked, t["decoded"], case["tolerance"], "mf_vae/decoded_chunked3")
 
 
@@ -374,3 +374,15 @@ def test_import_touches_no_gpu_and_no_network():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_unet_compiles_as_one_graph_with_identical_output(tiny_mf_repo):
+    """The opt-in torch.compile path: no graph breaks, same numbers (eager backend keeps CI fast)."""
+    unet = LatentVideoDiffusionPipeline.from_pretrained(tiny_mf_repo).unet
+    _, t = load_case("mf_unet")
+    kwargs = dict(context_text=t["context_text"], context_img=t["context_img"], concat_cond=t["concat_cond"], fs=t["fs"])
+    with torch.inference_mode():
+        eager = unet(t["x"], t["timesteps"], **kwargs)
+        unet.compile(backend="eager", fullgraph=True)
+        compiled = unet(t["x"], t["timesteps"], **kwargs)
+    assert torch.equal(eager, compiled)
