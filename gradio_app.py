@@ -1,5 +1,7 @@
 """Paints-UNDO in the browser: the original's three steps as a thin UI over ``paints_undo``.
 
+The first tab is the original's three-step drawing-process UI; the "Sketch & line art" tab extracts
+line art and ranks sketch-stage keyframes against it (``paints_undo.sketch``).
 Run ``python gradio_app.py`` (serves on http://127.0.0.1:7860). No model is loaded at import or at
 start-up: each model family loads on first use, and the page says which models are missing and how
 to provide them. All GPU work goes through one queue (one job at a time); Stop buttons end a run
@@ -37,6 +39,17 @@ from paints_undo.keyframes import (
 )
 from paints_undo.models import ModelManager, ModelSources
 from paints_undo.progress import ProgressEvent
+from paints_undo.sketch import (
+    DEFAULT_DETECTORS,
+    DEFAULT_SKETCH_SETS,
+    DEFAULT_SKETCH_STEPS,
+    DETECTORS,
+    extract_lineart,
+    generate_sketches,
+    save_line_art,
+    save_sketch_result,
+    sketch_caption,
+)
 from paints_undo.video import (
     DEFAULT_FPS,
     DEFAULT_VIDEO_CFG,
@@ -73,7 +86,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     vram = p.add_mutually_exclusive_group()
     vram.add_argument("--high-vram", dest="vram_mode", action="store_const", const="high")
     vram.add_argument("--low-vram", dest="vram_mode", action="store_const", const="low")
-    p.add_argument("--batch-cfg", action="store_true", help="both guidance branches in one batch (faster on GPUs)")
+    p.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in low-VRAM mode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (faster after a slow first run)")
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs before new ones are refused")
     return p.parse_args(argv)
 
@@ -106,21 +121,17 @@ class Services:
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-class UploadImage(gr.Image):
-    """``gr.Image`` whose unreadable uploads become a plain message instead of a processing error."""
+def upload_path(payload: Any) -> Optional[str]:
+    """Path of an uploaded image as the image events receive it (``preprocess=False``).
 
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "image"  # same front-end component as gr.Image
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
-        except Exception as exc:
-            logger.info("Rejected upload: %s", exc)
-            raise user_message("This file is not an image that can be read (PNG, JPEG, WebP, ...); upload another one.") from None
+    Image events skip Gradio's own decoding, so a broken upload reaches our loader, which answers
+    with one readable sentence instead of a component-processing error.
+    """
+    if payload is None or isinstance(payload, str):
+        return payload
+    if isinstance(payload, dict):
+        return payload.get("path")
+    return getattr(payload, "path", None)
 
 
 def user_message(message: str, title: str = "Error") -> gr.Error:
@@ -216,12 +227,31 @@ def _keyframe_sources(gallery: Any, uploads: Any) -> list[Any]:
     return list(gallery or [])
 
 
+def _gray_to_rgb(line: np.ndarray) -> np.ndarray:
+    return np.repeat(line[:, :, None], 3, axis=2) if line.ndim == 2 else line
+
+
+def _zip_folder(folder: Path, target: Path) -> Path:
+    """``target``: every file under ``folder`` (paths relative to it); PNGs are stored, not deflated."""
+    import zipfile
+
+    tmp = target.with_name(f".{target.name}.part")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                kind = zipfile.ZIP_STORED if path.suffix == ".png" else zipfile.ZIP_DEFLATED
+                archive.write(path, path.relative_to(folder).as_posix(), compress_type=kind)
+    os.replace(tmp, target)
+    return target
+
+
 # -- event handlers -----------------------------------------------------------------------------------
 
 
 def make_handlers(services: Services) -> dict[str, Callable]:
     @user_errors
-    def tag(image: Optional[str]) -> str:
+    def tag(image: Any) -> str:
+        image = upload_path(image)
         if not image:
             raise user_message("Upload an image first.")
         return services.models.tag(image)
@@ -229,6 +259,7 @@ def make_handlers(services: Services) -> dict[str, Callable]:
     @user_errors
     def keyframes(image, prompt, undo_steps, seed, width, height, steps, n_prompt, cfg,
                   request: gr.Request = None, progress=gr.Progress()):
+        image = upload_path(image)
         if not image:
             raise user_message("Upload an image first.")
         stop = services.stop_flag(request)
@@ -281,10 +312,63 @@ def make_handlers(services: Services) -> dict[str, Callable]:
         files = [str(outputs[k]) for k in ("mp4", "zip", "json") if k in outputs]
         yield str(outputs["mp4"]), [(f, None) for f in frames], files
 
+    def _sketch_folder(prefix: str) -> Path:
+        stem = export.unique_output_stem(prefix)
+        folder = services.results_dir / stem
+        folder.mkdir(parents=True)
+        return folder
+
+    @user_errors
+    def lineart(image, detectors, request: gr.Request = None, progress=gr.Progress()):
+        image = upload_path(image)
+        if not image:
+            raise user_message("Upload an image first.")
+        stop = services.stop_flag(request)
+        stop.clear()
+
+        def work(on_progress, stop_event):
+            return extract_lineart(image, list(detectors or []), models=services.models, progress=on_progress,
+                                   cancel=stop_event)
+
+        for kind, maps in run_in_worker(work, stop, progress):
+            if kind == "done":
+                folder = _sketch_folder("lineart")
+                save_line_art(maps, folder / "lineart")
+                sizes = {name: list(line.shape[:2]) for name, line in maps.items()}
+                info = dict(detectors=list(maps), sizes=sizes, device=str(services.models.memory.device))
+                json_path = export.write_sidecar(folder / "lineart.json", info)
+                archive = _zip_folder(folder, folder.with_suffix(".zip"))
+                yield [(_gray_to_rgb(line), name) for name, line in maps.items()], [str(archive), str(json_path)]
+
+    @user_errors
+    def sketches(image, prompt, detectors, sketch_steps, sets, seed, width, height, steps, n_prompt, cfg,
+                 request: gr.Request = None, progress=gr.Progress()):
+        image = upload_path(image)
+        if not image:
+            raise user_message("Upload an image first.")
+        stop = services.stop_flag(request)
+        stop.clear()
+
+        def work(on_progress, stop_event):
+            return generate_sketches(image, prompt or "", list(sketch_steps or []), sets, seed, width, height, steps,
+                                     n_prompt or "", cfg, list(detectors or []), models=services.models,
+                                     progress=on_progress, cancel=stop_event)
+
+        for kind, result in run_in_worker(work, stop, progress):
+            if kind == "done":
+                folder = _sketch_folder("sketches")
+                outputs = save_sketch_result(result, folder, dict(device=str(services.models.memory.device),
+                                                                  vram_mode=services.models.memory.vram_mode))
+                archive = _zip_folder(folder, folder.with_suffix(".zip"))
+                line_items = [(_gray_to_rgb(line), name) for name, line in result.line_art.items()]
+                sketch_items = [(sketch, sketch_caption(rank, score, origin)) for rank, (sketch, score, origin)
+                                in enumerate(zip(result.sketches, result.scores, result.origins))]
+                yield line_items, sketch_items, [str(archive), str(outputs["json"])]
+
     def stop(request: gr.Request = None) -> None:
         services.stop_flag(request).set()
 
-    return dict(tag=tag, keyframes=keyframes, video=video, stop=stop)
+    return dict(tag=tag, keyframes=keyframes, video=video, lineart=lineart, sketches=sketches, stop=stop)
 
 
 # -- layout ------------------------------------------------------------------------------------------
@@ -302,6 +386,142 @@ def missing_models_markdown(models: ModelManager) -> str:
     return "\n".join(lines)
 
 
+def drawing_process_tab(handlers: dict[str, Callable], gpu: dict) -> None:
+    """The original's three steps (prompt, key frames, video) with their api names /tag, /keyframes, /video."""
+    with gr.Accordion(label="Step 1: Upload Image and Generate Prompt", open=True):
+        with gr.Row():
+            with gr.Column():
+                input_fg = gr.Image(sources=["upload"], type="filepath", format="png", label="Image", height=512,
+                                    elem_id="input_image")
+            with gr.Column():
+                prompt_gen_button = gr.Button(value="Generate Prompt", interactive=False, elem_id="tag_button")
+                prompt = gr.Textbox(label="Output Prompt", interactive=True, elem_id="prompt")
+
+    with gr.Accordion(label="Step 2: Generate Key Frames", open=True):
+        with gr.Row():
+            with gr.Column():
+                input_undo_steps = gr.Dropdown(label="Operation Steps", value=list(DEFAULT_UNDO_STEPS),
+                                               choices=list(range(1000)), multiselect=True, elem_id="undo_steps")
+                seed = gr.Slider(label="Stage 1 Seed", minimum=0, maximum=50000, step=1, value=DEFAULT_SEED,
+                                 elem_id="seed")
+                image_width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH,
+                                        step=64, elem_id="width")
+                image_height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT,
+                                         step=64, elem_id="height")
+                steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1,
+                                  elem_id="steps")
+                cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01,
+                                elem_id="cfg")
+                n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id="n_prompt")
+            with gr.Column():
+                with gr.Row():
+                    key_gen_button = gr.Button(value="Generate Key Frames", interactive=False,
+                                               elem_id="keyframes_button")
+                    key_stop_button = gr.Button(value="Stop", variant="stop", elem_id="keyframes_stop")
+                result_gallery = gr.Gallery(height=512, object_fit="contain", label="Outputs", columns=4,
+                                            format="png", elem_id="keyframes_gallery")
+
+    with gr.Accordion(label="Step 3: Generate All Videos", open=True):
+        with gr.Row():
+            with gr.Column():
+                # As in the original: a generic prompt works better here than the tagger's.
+                i2v_input_text = gr.Text(label="Prompts", value=DEFAULT_VIDEO_PROMPT, elem_id="video_prompt")
+                i2v_seed = gr.Slider(label="Stage 2 Seed", minimum=0, maximum=50000, step=1,
+                                     value=DEFAULT_VIDEO_SEED, elem_id="video_seed")
+                i2v_cfg_scale = gr.Slider(minimum=1.0, maximum=15.0, step=0.5, label="CFG Scale",
+                                          value=DEFAULT_VIDEO_CFG, elem_id="i2v_cfg_scale")
+                i2v_steps = gr.Slider(minimum=1, maximum=60, step=1, elem_id="i2v_steps", label="Sampling steps",
+                                      value=DEFAULT_VIDEO_STEPS)
+                i2v_fps = gr.Slider(minimum=1, maximum=30, step=1, elem_id="i2v_motion", label="FPS",
+                                    value=DEFAULT_FPS)
+                own_keyframes = gr.File(label="Or upload your own key frames (finished picture first)",
+                                        file_count="multiple", file_types=["image"], elem_id="own_keyframes")
+            with gr.Column():
+                with gr.Row():
+                    i2v_end_btn = gr.Button("Generate Video", interactive=False, elem_id="video_button")
+                    video_stop_button = gr.Button(value="Stop", variant="stop", elem_id="video_stop")
+                i2v_output_video = gr.Video(label="Generated Video", elem_id="output_vid", autoplay=True, height=512)
+                downloads = gr.File(label="Downloads (MP4, frames ZIP, settings JSON)", file_count="multiple",
+                                    interactive=False, elem_id="downloads")
+        with gr.Row():
+            i2v_output_images = gr.Gallery(height=512, label="Output Frames", object_fit="contain", columns=8,
+                                           format="png", elem_id="video_frames")
+
+    # Buttons become usable step by step, as in the original.
+    input_fg.change(lambda: ["", gr.update(interactive=True), gr.update(interactive=False),
+                             gr.update(interactive=False)],
+                    outputs=[prompt, prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
+    prompt_gen_button.click(fn=handlers["tag"], inputs=[input_fg], outputs=[prompt], api_name="tag", preprocess=False, **gpu).then(
+        lambda: [gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=False)],
+        outputs=[prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
+    key_event = key_gen_button.click(
+        fn=handlers["keyframes"],
+        inputs=[input_fg, prompt, input_undo_steps, seed, image_width, image_height, steps, n_prompt, cfg],
+        outputs=[result_gallery], api_name="keyframes", preprocess=False, **gpu)
+    key_event.then(lambda: [gr.update(interactive=True)] * 3,
+                   outputs=[prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
+    own_keyframes.change(lambda files: gr.update(interactive=True) if files else gr.update(),
+                         inputs=[own_keyframes], outputs=[i2v_end_btn], api_visibility="private")
+    video_event = i2v_end_btn.click(
+        fn=handlers["video"],
+        inputs=[result_gallery, own_keyframes, i2v_input_text, i2v_steps, i2v_cfg_scale, i2v_fps, i2v_seed],
+        outputs=[i2v_output_video, i2v_output_images, downloads], api_name="video", **gpu)
+    key_stop_button.click(handlers["stop"], cancels=[key_event], queue=False, api_visibility="private")
+    video_stop_button.click(handlers["stop"], cancels=[video_event], queue=False, api_visibility="private")
+
+    gr.Examples(examples=EXAMPLES, inputs=[input_fg, seed, i2v_seed], examples_per_page=1024)
+
+
+def sketch_tab(handlers: dict[str, Callable], gpu: dict) -> None:
+    """The "Sketch & line art" tab: line art of the upload, and sketch-stage keyframes ranked against it."""
+    gr.Markdown("Line art from the chosen detectors, and key frames at sketch-stage operation steps for several "
+                "seeds, ranked by their distance to that line art (closest first).")
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(sources=["upload"], type="filepath", format="png", label="Image", height=384,
+                                elem_id="sketch_image")
+            detectors = gr.CheckboxGroup(label="Line-art detectors", choices=list(DETECTORS),
+                                         value=list(DEFAULT_DETECTORS), elem_id="sketch_detectors")
+            with gr.Row():
+                tag_button = gr.Button(value="Generate Prompt", elem_id="sketch_tag_button")
+            prompt = gr.Textbox(label="Prompt", interactive=True, elem_id="sketch_prompt")
+            sketch_steps = gr.Dropdown(label="Sketch Steps", value=list(DEFAULT_SKETCH_STEPS),
+                                       choices=list(range(1000)), multiselect=True, elem_id="sketch_steps")
+            sets = gr.Slider(label="Sets (one seed each)", minimum=1, maximum=10, step=1, value=DEFAULT_SKETCH_SETS,
+                             elem_id="sketch_sets")
+            seed = gr.Slider(label="Seed", minimum=0, maximum=50000, step=1, value=DEFAULT_SEED, elem_id="sketch_seed")
+            width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH, step=64,
+                              elem_id="sketch_width")
+            height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT, step=64,
+                               elem_id="sketch_height")
+            steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1,
+                              elem_id="sketch_sampling_steps")
+            cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01,
+                            elem_id="sketch_cfg")
+            n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id="sketch_n_prompt")
+        with gr.Column():
+            with gr.Row():
+                lineart_button = gr.Button(value="Extract Line Art", elem_id="lineart_button")
+                sketches_button = gr.Button(value="Generate Sketches", variant="primary", elem_id="sketches_button")
+                stop_button = gr.Button(value="Stop", variant="stop", elem_id="sketch_stop")
+            lineart_gallery = gr.Gallery(label="Line Art", height=320, object_fit="contain", columns=4, format="png",
+                                         elem_id="lineart_gallery")
+            sketches_gallery = gr.Gallery(label="Ranked Sketches (closest to the line art first)", height=512,
+                                          object_fit="contain", columns=4, format="png", elem_id="sketches_gallery")
+            downloads = gr.File(label="Downloads (ZIP of line art, sketches and settings; JSON)", file_count="multiple",
+                                interactive=False, elem_id="sketch_downloads")
+
+    tag_button.click(fn=handlers["tag"], inputs=[image], outputs=[prompt], api_visibility="private", **gpu)
+    lineart_event = lineart_button.click(fn=handlers["lineart"], inputs=[image, detectors],
+                                         outputs=[lineart_gallery, downloads], api_name="lineart", preprocess=False, **gpu)
+    sketches_event = sketches_button.click(
+        fn=handlers["sketches"],
+        inputs=[image, prompt, detectors, sketch_steps, sets, seed, width, height, steps, n_prompt, cfg],
+        outputs=[lineart_gallery, sketches_gallery, downloads], api_name="sketches", preprocess=False, **gpu)
+    stop_button.click(handlers["stop"], cancels=[lineart_event, sketches_event], queue=False,
+                      api_visibility="private")
+
+
 def build_app(services: Services) -> gr.Blocks:
     handlers = make_handlers(services)
     gpu = dict(concurrency_id="gpu", concurrency_limit=1)
@@ -310,88 +530,11 @@ def build_app(services: Services) -> gr.Blocks:
         gr.Markdown("# Paints-Undo")
         gr.Markdown(missing_models_markdown(services.models), elem_id="missing_models")
 
-        with gr.Accordion(label="Step 1: Upload Image and Generate Prompt", open=True):
-            with gr.Row():
-                with gr.Column():
-                    input_fg = UploadImage(sources=["upload"], type="filepath", format="png", label="Image", height=512,
-                                        elem_id="input_image")
-                with gr.Column():
-                    prompt_gen_button = gr.Button(value="Generate Prompt", interactive=False, elem_id="tag_button")
-                    prompt = gr.Textbox(label="Output Prompt", interactive=True, elem_id="prompt")
-
-        with gr.Accordion(label="Step 2: Generate Key Frames", open=True):
-            with gr.Row():
-                with gr.Column():
-                    input_undo_steps = gr.Dropdown(label="Operation Steps", value=list(DEFAULT_UNDO_STEPS),
-                                                   choices=list(range(1000)), multiselect=True, elem_id="undo_steps")
-                    seed = gr.Slider(label="Stage 1 Seed", minimum=0, maximum=50000, step=1, value=DEFAULT_SEED,
-                                     elem_id="seed")
-                    image_width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH,
-                                            step=64, elem_id="width")
-                    image_height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT,
-                                             step=64, elem_id="height")
-                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1,
-                                      elem_id="steps")
-                    cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01,
-                                    elem_id="cfg")
-                    n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id="n_prompt")
-                with gr.Column():
-                    with gr.Row():
-                        key_gen_button = gr.Button(value="Generate Key Frames", interactive=False,
-                                                   elem_id="keyframes_button")
-                        key_stop_button = gr.Button(value="Stop", variant="stop", elem_id="keyframes_stop")
-                    result_gallery = gr.Gallery(height=512, object_fit="contain", label="Outputs", columns=4,
-                                                format="png", elem_id="keyframes_gallery")
-
-        with gr.Accordion(label="Step 3: Generate All Videos", open=True):
-            with gr.Row():
-                with gr.Column():
-                    # As in the original: a generic prompt works better here than the tagger's.
-                    i2v_input_text = gr.Text(label="Prompts", value=DEFAULT_VIDEO_PROMPT, elem_id="video_prompt")
-                    i2v_seed = gr.Slider(label="Stage 2 Seed", minimum=0, maximum=50000, step=1,
-                                         value=DEFAULT_VIDEO_SEED, elem_id="video_seed")
-                    i2v_cfg_scale = gr.Slider(minimum=1.0, maximum=15.0, step=0.5, label="CFG Scale",
-                                              value=DEFAULT_VIDEO_CFG, elem_id="i2v_cfg_scale")
-                    i2v_steps = gr.Slider(minimum=1, maximum=60, step=1, elem_id="i2v_steps", label="Sampling steps",
-                                          value=DEFAULT_VIDEO_STEPS)
-                    i2v_fps = gr.Slider(minimum=1, maximum=30, step=1, elem_id="i2v_motion", label="FPS",
-                                        value=DEFAULT_FPS)
-                    own_keyframes = gr.File(label="Or upload your own key frames (finished picture first)",
-                                            file_count="multiple", file_types=["image"], elem_id="own_keyframes")
-                with gr.Column():
-                    with gr.Row():
-                        i2v_end_btn = gr.Button("Generate Video", interactive=False, elem_id="video_button")
-                        video_stop_button = gr.Button(value="Stop", variant="stop", elem_id="video_stop")
-                    i2v_output_video = gr.Video(label="Generated Video", elem_id="output_vid", autoplay=True, height=512)
-                    downloads = gr.File(label="Downloads (MP4, frames ZIP, settings JSON)", file_count="multiple",
-                                        interactive=False, elem_id="downloads")
-            with gr.Row():
-                i2v_output_images = gr.Gallery(height=512, label="Output Frames", object_fit="contain", columns=8,
-                                               format="png", elem_id="video_frames")
-
-        # Buttons become usable step by step, as in the original.
-        input_fg.change(lambda: ["", gr.update(interactive=True), gr.update(interactive=False),
-                                 gr.update(interactive=False)],
-                        outputs=[prompt, prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
-        prompt_gen_button.click(fn=handlers["tag"], inputs=[input_fg], outputs=[prompt], api_name="tag", **gpu).then(
-            lambda: [gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=False)],
-            outputs=[prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
-        key_event = key_gen_button.click(
-            fn=handlers["keyframes"],
-            inputs=[input_fg, prompt, input_undo_steps, seed, image_width, image_height, steps, n_prompt, cfg],
-            outputs=[result_gallery], api_name="keyframes", **gpu)
-        key_event.then(lambda: [gr.update(interactive=True)] * 3,
-                       outputs=[prompt_gen_button, key_gen_button, i2v_end_btn], api_visibility="private")
-        own_keyframes.change(lambda files: gr.update(interactive=True) if files else gr.update(),
-                             inputs=[own_keyframes], outputs=[i2v_end_btn], api_visibility="private")
-        video_event = i2v_end_btn.click(
-            fn=handlers["video"],
-            inputs=[result_gallery, own_keyframes, i2v_input_text, i2v_steps, i2v_cfg_scale, i2v_fps, i2v_seed],
-            outputs=[i2v_output_video, i2v_output_images, downloads], api_name="video", **gpu)
-        key_stop_button.click(handlers["stop"], cancels=[key_event], queue=False, api_visibility="private")
-        video_stop_button.click(handlers["stop"], cancels=[video_event], queue=False, api_visibility="private")
-
-        gr.Examples(examples=EXAMPLES, inputs=[input_fg, seed, i2v_seed], examples_per_page=1024)
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Drawing process", id="process", elem_id="process_tab"):
+                drawing_process_tab(handlers, gpu)
+            with gr.Tab("Sketch & line art", id="sketch", elem_id="sketch_tab"):
+                sketch_tab(handlers, gpu)
     return demo
 
 
@@ -400,7 +543,7 @@ def build_app(services: Services) -> gr.Blocks:
 
 def create_services(args: argparse.Namespace) -> Services:
     models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
-                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg)
+                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile)
     return Services(models=models, buckets=parse_buckets(args.video_buckets), results_dir=Path(args.results_dir))
 
 

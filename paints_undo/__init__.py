@@ -8,6 +8,7 @@ from .errors import Cancelled, InvalidInputError, ModelLoadError, ModelsNotAvail
 from .keyframes import DEFAULT_NEGATIVE_PROMPT, DEFAULT_UNDO_STEPS, generate_keyframes
 from .models import ModelManager, ModelSources, default_manager
 from .progress import ProgressEvent
+from .sketch import SketchResult, extract_lineart, generate_sketches, rank_candidates
 from .video import DEFAULT_BUCKETS, VideoResult, VideoSegment, generate_video, iter_video_segments, parse_buckets
 
 __all__ = [
@@ -23,11 +24,15 @@ __all__ = [
     "OutOfMemory",
     "PaintsUndoError",
     "ProgressEvent",
+    "SketchResult",
     "VideoResult",
     "VideoSegment",
     "default_manager",
+    "extract_lineart",
     "generate_keyframes",
+    "generate_sketches",
     "generate_video",
     "iter_video_segments",
     "parse_buckets",
+    "rank_candidates",
 ]

@@ -292,7 +292,7 @@ def open_image(
         if not os.path.isfile(path):
             raise ImageLoadError(f"Image file not found: {path}")
         fp = path
-        label = f"image file {path}"
+        label = f"image file '{os.path.basename(path)}'"
     else:
         raise ImageLoadError(f"Cannot open an image from {type(source).__name__}; expected a path or bytes.")
 
@@ -314,7 +314,7 @@ def open_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"Refusing to open {label}: it is too large ({exc}).") from exc
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"Cannot read {label}: not a recognised image format.") from exc
+        raise ImageLoadError(f"Cannot read {label}: it is not an image in a known format (PNG, JPEG, WebP, ...).") from exc
     except (OSError, SyntaxError, EOFError, ValueError, IndexError, KeyError, TypeError, MemoryError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageLoadError(f"Cannot read {label}: the file is corrupt or truncated ({first_line}).") from exc

@@ -30,6 +30,7 @@ DEFAULT_TAGGER_REPO = "lllyasviel/misc"
 MODELS_DIR_ENV = "PAINTS_UNDO_MODELS_DIR"
 TAGGER_FILES = ("wd-v1-4-moat-tagger-v2.onnx", "wd-v1-4-moat-tagger-v2.csv")
 LINEART_FILES = ("sk_model.pth", "sk_model2.pth", "netG.pth", "erika.pth")
+LINEART_REPO = "lllyasviel/Annotators"
 
 FAMILIES = {
     "single_frame": ("paints_undo_single_frame", DEFAULT_SINGLE_FRAME_REPO, "single-frame (keyframe) model"),
@@ -125,7 +126,10 @@ class ModelManager:
     sources: ModelSources = field(default_factory=ModelSources.from_env)
     device: Optional[str] = None
     vram_mode: Optional[str] = None
-    batch_cfg: bool = False
+    #: Both guidance branches in one UNet batch; ``None`` = the memory manager's default for the device.
+    batch_cfg: Optional[bool] = None
+    #: ``torch.compile`` the two UNets (opt-in; the first run pays the compilation).
+    compile: bool = False
     _memory: Optional[MemoryManager] = None
     _single: Optional[SingleFrameModels] = None
     _multi: Optional[MultiFrameModels] = None
@@ -138,6 +142,10 @@ class ModelManager:
             if self._memory is None:
                 self._memory = MemoryManager.create(self.device, self.vram_mode)
             return self._memory
+
+    @property
+    def use_batch_cfg(self) -> bool:
+        return self.memory.batch_cfg_default if self.batch_cfg is None else bool(self.batch_cfg)
 
     # -- resolution -------------------------------------------------------------------------------
 
@@ -176,7 +184,27 @@ class ModelManager:
         tagger_problem = self._tagger_problem()
         if tagger_problem:
             missing["tagger"] = tagger_problem
+        lineart_problem = self._lineart_problem()
+        if lineart_problem:
+            missing["lineart"] = lineart_problem
         return missing
+
+    def _lineart_problem(self) -> Optional[str]:
+        """Line-art files that are neither local nor cached while downloads are off (sketch tab only)."""
+        import lineart_models
+        from huggingface_hub import try_to_load_from_cache
+
+        folders = [self.sources.models_dir, os.environ.get(lineart_models.LINEART_DIR_ENV)]
+        absent = [
+            name for name in LINEART_FILES
+            if not any(f and (Path(f) / name).is_file() for f in folders)
+            and not isinstance(try_to_load_from_cache(LINEART_REPO, name), str)
+        ]
+        if not absent or not _offline():
+            return None
+        where = f"'{self.sources.models_dir}'" if self.sources.models_dir else "the models folder (--models-dir)"
+        return (f"Line-art weights {', '.join(absent)} are missing (needed by the sketch tools only): put them into "
+                f"{where}, or allow downloads from '{LINEART_REPO}' (unset HF_HUB_OFFLINE).")
 
     def _tagger_problem(self) -> Optional[str]:
         import wd14_tagger
@@ -243,8 +271,10 @@ class ModelManager:
             module.eval().requires_grad_(False)
         unet.set_attn_processor(AttnProcessor2_0())
         vae.set_attn_processor(AttnProcessor2_0())
+        if self.compile:
+            unet.compile()
         sampler = KDiffusionSampler(unet=unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
-                                    batched_cfg=self.batch_cfg)
+                                    batched_cfg=self.use_batch_cfg)
         return SingleFrameModels(tokenizer, text_encoder, vae, unet, sampler, origin)
 
     def _load_multi_frame(self) -> MultiFrameModels:
@@ -269,7 +299,15 @@ class ModelManager:
             ) from exc
         except (IncompatibleCheckpointError, OSError, RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"The multi-frame model in '{origin.folder}' does not load: {exc}") from exc
+        self.apply_memory_settings(pipeline)
+        if self.compile:
+            pipeline.unet.compile()
         return MultiFrameModels(pipeline, origin)
+
+    def apply_memory_settings(self, pipeline) -> None:
+        """VRAM-mode switches of the video model that change memory, never results."""
+        pipeline.vae.set_decoder_frame_chunk(self.memory.vae_decode_frame_chunk)
+        pipeline.unet.set_attention_batch_chunk(self.memory.unet_attention_batch_chunk)
 
     # -- line art ---------------------------------------------------------------------------------
 

@@ -111,6 +111,56 @@ def test_endpoints_report_bad_input_as_messages(client, tmp_path):
     assert client.predict(handle_file(str(ROOT / "imgs" / "3.png")), api_name="/tag")
 
 
+def test_lineart_and_sketches_endpoints(client):
+    import json
+    import zipfile
+
+    import numpy as np
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from lineart_models import sketch_output_size
+
+    image = ROOT / "imgs" / "2.png"
+    gallery, files = client.predict(handle_file(str(image)), ["lineart"], api_name="/lineart")
+    assert [g["caption"] for g in gallery] == ["lineart"]
+    with Image.open(image) as im:
+        expected = sketch_output_size(im.height, im.width)
+    assert np.array(Image.open(gallery[0]["image"])).shape[:2] == expected
+    assert sorted(Path(f).suffix for f in files) == [".json", ".zip"]
+    with zipfile.ZipFile(next(f for f in files if f.endswith(".zip"))) as zf:
+        assert sorted(zf.namelist()) == ["lineart.json", "lineart/lineart.png"]
+
+    line_art, sketches, files = client.predict(handle_file(str(image)), "x", ["lineart"], [950, 999], 2, 5, 256, 256,
+                                               1, "", 3.0, api_name="/sketches")
+    assert [g["caption"] for g in line_art] == ["lineart"]
+    captions = [g["caption"] for g in sketches]
+    assert len(captions) == 4 and captions[0].startswith("#1 score ") and captions[3].startswith("#4 score ")
+    assert {c.split("(")[1] for c in captions} == {"seed 5, step 950)", "seed 5, step 999)", "seed 6, step 950)",
+                                                   "seed 6, step 999)"}
+    assert np.array(Image.open(sketches[0]["image"])).shape == (256, 256, 3)
+    doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    scores = [s["score"] for s in doc["sketches"]]
+    assert scores == sorted(scores) and doc["settings"]["num_sets"] == 2
+    with zipfile.ZipFile(next(f for f in files if f.endswith(".zip"))) as zf:
+        names = zf.namelist()
+    assert "sketches.json" in names and "lineart/lineart.png" in names
+    assert sum(n.startswith("sketches/rank_0") for n in names) == 4
+
+
+def test_sketch_endpoints_report_bad_input_as_messages(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    image = handle_file(str(ROOT / "imgs" / "2.png"))
+    with pytest.raises(AppError, match="Upload an image first"):
+        client.predict(None, ["lineart"], api_name="/lineart")
+    with pytest.raises(AppError, match="at least one line-art detector"):
+        client.predict(image, [], api_name="/lineart")
+    with pytest.raises(AppError, match="at least one sketch step"):
+        client.predict(image, "x", ["lineart"], [], 1, 5, 256, 256, 1, "", 3.0, api_name="/sketches")
+
+
 def test_app_starts_without_models_and_says_what_is_missing(tmp_path):
     running = _start_app(tmp_path, tmp_path / "no-models")
     try:
@@ -229,4 +279,25 @@ def test_browser_three_steps_stop_and_bad_upload(app, browser_page, tmp_path):
         page.click("#tag_button")
     page.wait_for_function("() => document.body.innerText.includes('not an image')", timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "browser_bad_upload.png"), full_page=True)
+    assert app.process.poll() is None
+
+
+@pytest.mark.browser
+def test_browser_sketch_tab_extracts_line_art(app, browser_page):
+    page = browser_page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(app.url)
+    page.locator("#input_image").wait_for(state="visible")  # the three-step UI is the default tab
+    assert not page.locator("#sketch_image").is_visible()
+    page.get_by_role("tab", name="Sketch & line art").click()
+    page.locator("#sketch_image input[type=file]").set_input_files(str(ROOT / "imgs" / "2.png"))
+    page.wait_for_function("() => document.querySelector('#sketch_image img') !== null")
+    for name in ("manga", "anime"):
+        page.locator("#sketch_detectors").get_by_label(name, exact=True).uncheck()
+    assert page.locator("#sketch_detectors").get_by_label("lineart", exact=True).is_checked()
+    page.click("#lineart_button")
+    page.wait_for_function("() => document.querySelectorAll('#lineart_gallery img').length >= 1")
+    page.wait_for_function("() => document.querySelector('#sketch_downloads').innerText.includes('.zip')")
+    assert page.locator("#lineart_gallery").inner_text().count("lineart") >= 1
+    page.screenshot(path=str(ARTIFACTS / "browser_sketch_tab.png"), full_page=True)
     assert app.process.poll() is None

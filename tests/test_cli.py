@@ -147,3 +147,68 @@ def test_cli_missing_models_message(tmp_path, picture):
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "paints_undo_single_frame" in errors[0] and "Traceback" not in result.stderr
+
+
+# -- sketch mode ------------------------------------------------------------------------------------------
+
+SKETCH_FAST = ["--sketch", "--sketch-steps", "950,999", "--sketch-sets", "2", "--detectors", "lineart", "--steps", "1",
+               "--width", "64", "--height", "64", "--prompt", "x", "-q"]
+
+
+def test_cli_sketch_mode_writes_line_art_ranked_sketches_and_json(tiny_models_dir, picture, tmp_path):
+    out = tmp_path / "out"
+    result = _run([str(picture), "-o", str(out), *SKETCH_FAST, "--seed", "5"], tiny_models_dir)
+    assert result.returncode == 0, result.stderr
+    job = out / "my_picture"
+    assert f"my_picture: json -> {job / 'sketches.json'}" in result.stdout
+    line = np.array(Image.open(job / "lineart" / "lineart.png"))
+    assert line.dtype == np.uint8 and line.shape == (64, 64)
+    doc = json.loads((job / "sketches.json").read_text())
+    names = sorted(p.name for p in (job / "sketches").glob("*.png"))
+    assert names == sorted(s["file"].split("/")[-1] for s in doc["sketches"]) and len(names) == 4
+    assert names[0].startswith("rank_00_seed") and doc["sketches"][0]["file"] == f"sketches/{names[0]}"
+    assert {(s["seed"], s["step"]) for s in doc["sketches"]} == {(5, 950), (5, 999), (6, 950), (6, 999)}
+    scores = [s["score"] for s in doc["sketches"]]
+    assert scores == sorted(scores) and [s["rank"] for s in doc["sketches"]] == [0, 1, 2, 3]
+    assert doc["settings"]["detectors"] == ["lineart"] and doc["settings"]["num_sets"] == 2
+    assert doc["line_art"] == {"lineart": "lineart/lineart.png"} and "single_frame" in doc["models"]
+    assert np.array(Image.open(job / doc["sketches"][0]["file"])).shape == (64, 64, 3)
+    assert not list(job.glob("*.mp4")) and not (job / "segments").exists(), "sketch mode makes no video"
+
+
+def test_cli_sketch_mode_resumes_and_rejects_bad_flags(tiny_models_dir, picture, tmp_path, monkeypatch, capsys):
+    import paints_undo.sketch as sketch
+
+    monkeypatch.setenv("PAINTS_UNDO_MODELS_DIR", str(tiny_models_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    args = [str(picture), "-o", str(out), *SKETCH_FAST]
+    assert cli.main(args) == 0
+    calls = _count_calls(monkeypatch, sketch, "generate_keyframes")
+    assert cli.main(args) == 0 and calls == [], "an unchanged rerun reuses the sketches"
+    next((out / "my_picture" / "sketches").glob("rank_01_*.png")).unlink()
+    assert cli.main(args) == 0 and len(calls) == 2, "a deleted picture is made again"
+    calls.clear()
+    assert cli.main(args + ["--sketch-sets", "1"]) == 0 and len(calls) == 1
+    assert len(list((out / "my_picture" / "sketches").glob("*.png"))) == 2, "stale ranks are removed"
+    capsys.readouterr()
+
+    for bad in (["--detectors", "pencil"], ["--sketch-steps", "1200"], ["--sketch-sets", "0"],
+                ["--sketch-steps", ","], ["--keyframes", str(picture), str(picture)]):
+        try:
+            code = cli.main(args + bad)
+        except SystemExit as exc:  # argparse rejects the flag itself
+            code = exc.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")
+               or ": error:" in line]
+        assert code == 2 and len(err) == 1, (bad, err)
+
+
+def test_cli_sketch_mode_missing_lineart_weights(tmp_path, picture, tiny_sf_repo):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "paints_undo_single_frame").symlink_to(tiny_sf_repo, target_is_directory=True)
+    result = _run([str(picture), "-o", str(tmp_path / "o"), *SKETCH_FAST], models)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sk_model.pth" in errors[0] and "Traceback" not in result.stderr

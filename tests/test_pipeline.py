@@ -287,7 +287,8 @@ def test_missing_models_give_one_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manager = ModelManager(sources=ModelSources(models_dir=tmp_path))
     missing = manager.missing_models()
-    assert set(missing) == {"single_frame", "multi_frame", "tagger"}
+    assert set(missing) == {"single_frame", "multi_frame", "tagger", "lineart"}
+    assert "erika.pth" in missing["lineart"]
     with pytest.raises(ModelsNotAvailableError) as info:
         generate_keyframes(np.zeros((8, 8, 3), np.uint8), "", [400], 64, 64, 0, 1, "", 3.0, models=manager)
     message = str(info.value)
