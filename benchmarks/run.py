@@ -1,0 +1,476 @@
+"""Speed and memory of the whole Paints-UNDO job, stage by stage, per VRAM mode.
+
+Builds every component at full size from configs equal to the official ones (``configs/full.json``)
+with random weights -- a network's speed does not depend on its weight values -- and runs the
+default job through the production API (``paints_undo.generate_keyframes`` / ``generate_video``):
+6 keyframes at 512x640 with 50 steps, then 7 video segments of 16 frames at the chosen bucket with
+50 steps and CFG. Writes JSON with seconds and peak memory per stage and mode, the device, dtypes,
+settings and library versions, plus a check that the optimised paths match the reference paths.
+
+    python benchmarks/run.py                      # full size on the best device, modes high,normal,low
+    python benchmarks/run.py --tiny               # tiny configs on CPU in seconds (CI smoke test)
+    python benchmarks/run.py --modes high --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("benchmark")
+
+#: Dense compute of the default job counted on the real model sizes (issue 7), and its H100 floor.
+DEFAULT_JOB_PFLOP = 10.2
+H100_FLOOR_SECONDS = 13.0
+
+
+# -- building the models --------------------------------------------------------------------------
+
+
+def load_configs(tiny: bool) -> dict[str, dict]:
+    return json.loads((HERE / "configs" / ("tiny.json" if tiny else "full.json")).read_text())
+
+
+def _build(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Construct directly on ``device`` (fast random init), cast, eval."""
+    with torch.device(device):
+        module = factory()
+    return module.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def build_models(manager, configs: dict[str, dict], device: torch.device) -> None:
+    """Random-weight components at the configs' sizes, installed into ``manager``'s model cache."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
+
+    from diffusers_vdm import (
+        ImprovedCLIPVisionModelWithProjection,
+        LatentVideoDiffusionPipeline,
+        Resampler,
+        UNet3DModel,
+        VideoAutoencoderKL,
+    )
+    from paints_undo.models import ModelOrigin, MultiFrameModels, SingleFrameModels
+    from single_frame import KDiffusionSampler, ModifiedUNet
+
+    memory = manager.memory
+    dt = memory.dtype_for
+    origin = ModelOrigin(repo="random-weights", folder="(benchmark)")
+
+    unet = _build(lambda: ModifiedUNet.from_config(configs["sf_unet"]), device, dt("sf_unet"))
+    vae = _build(lambda: AutoencoderKL.from_config(configs["sf_vae"]), device, dt("sf_vae"))
+    text = _build(lambda: CLIPTextModel(CLIPTextConfig(**configs["sf_text_encoder"])), device, dt("sf_text_encoder"))
+    unet.set_attn_processor(AttnProcessor2_0())
+    vae.set_attn_processor(AttnProcessor2_0())
+    if manager.compile:
+        unet.compile()
+    sampler = KDiffusionSampler(unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
+                                batched_cfg=manager.use_batch_cfg)
+    manager._single = SingleFrameModels(CLIPTokenizer.from_pretrained(str(HERE / "tokenizers" / "single_frame")),
+                                        text, vae, unet, sampler, origin)
+
+    pipe = LatentVideoDiffusionPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(str(HERE / "tokenizers" / "multi_frame")),
+        text_encoder=_build(lambda: CLIPTextModel(CLIPTextConfig(**configs["mf_text_encoder"])), device,
+                            dt("mf_text_encoder")),
+        image_encoder=_build(lambda: ImprovedCLIPVisionModelWithProjection(
+            CLIPVisionConfig(**configs["mf_image_encoder"])), device, dt("mf_image_encoder")),
+        vae=_build(lambda: VideoAutoencoderKL(**configs["mf_vae"]), device, dt("mf_vae")),
+        image_projection=_build(lambda: Resampler(**configs["mf_image_projection"]), device,
+                                dt("mf_image_projection")),
+        unet=_build(lambda: UNet3DModel(**configs["mf_unet"]), device, dt("mf_unet")),
+    )
+    manager.apply_memory_settings(pipe)
+    if manager.compile:
+        pipe.unet.compile()
+    manager._multi = MultiFrameModels(pipe, origin)
+
+
+def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None):
+    """A manager in VRAM ``mode`` over the already built models of ``shared`` (built once per run)."""
+    from paints_undo.models import ModelManager, SingleFrameModels
+    from single_frame import KDiffusionSampler
+
+    manager = ModelManager(device=shared.device, vram_mode=mode, compile=shared.compile, batch_cfg=batch_cfg)
+    sf = shared._single
+    sampler = KDiffusionSampler(sf.unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
+                                batched_cfg=manager.use_batch_cfg)
+    manager._single = SingleFrameModels(sf.tokenizer, sf.text_encoder, sf.vae, sf.unet, sampler, sf.origin)
+    manager._multi = shared._multi
+    manager.apply_memory_settings(shared._multi.pipeline)
+    return manager
+
+
+def parameter_counts(manager) -> dict[str, int]:
+    sf, mf = manager._single, manager._multi.pipeline
+    named = dict(sf_unet=sf.unet, sf_vae=sf.vae, sf_text_encoder=sf.text_encoder, mf_unet=mf.unet, mf_vae=mf.vae,
+                 mf_text_encoder=mf.text_encoder, mf_image_encoder=mf.image_encoder,
+                 mf_image_projection=mf.image_projection)
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in named.items()}
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageStats:
+    seconds: float = 0.0
+    calls: int = 0
+    peak_allocated_gib: float = 0.0
+    peak_reserved_gib: float = 0.0
+
+
+@dataclass
+class Recorder:
+    """Times wrapped callables (with device syncs) and records the peak memory during each call."""
+
+    device: torch.device
+    stages: dict[str, StageStats] = field(default_factory=dict)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, owner: Any, name: str, stage: str) -> Callable[[], None]:
+        """Instrument ``owner.name``; returns a function that restores it."""
+        original = getattr(owner, name)
+        recorder = self
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            with recorder.measure(stage):
+                return original(*args, **kwargs)
+
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, original)
+
+    @contextlib.contextmanager
+    def measure(self, stage: str):
+        stats = self.stages.setdefault(stage, StageStats())
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            stats.seconds += time.perf_counter() - start
+            stats.calls += 1
+            if self.device.type == "cuda":
+                stats.peak_allocated_gib = max(stats.peak_allocated_gib,
+                                               torch.cuda.max_memory_allocated(self.device) / 2**30)
+                stats.peak_reserved_gib = max(stats.peak_reserved_gib,
+                                              torch.cuda.max_memory_reserved(self.device) / 2**30)
+
+
+def instrument(manager, recorder: Recorder) -> list[Callable[[], None]]:
+    """Sub-stages: samplers, encoders, decoders and model moves, each timed on its own."""
+    sf, pipe = manager._single, manager._multi.pipeline
+
+    class _Sampler:  # special methods are looked up on the type, so wrap the instance in an object
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, **kwargs):
+            with recorder.measure("keyframes.sampler"):
+                return self.inner(**kwargs)
+
+    original_sampler = sf.sampler
+    sf.sampler = _Sampler(original_sampler)
+    restores = [lambda: setattr(sf, "sampler", original_sampler)]
+    restores.append(recorder.wrap(sf.vae, "encode", "keyframes.vae_encode"))
+    restores.append(recorder.wrap(sf.vae, "decode", "keyframes.vae_decode"))
+    restores.append(recorder.wrap(sf.text_encoder, "forward", "keyframes.text_encoder"))
+    for name, stage in (("encode_cropped_prompt_77tokens", "video.text_encoder"),
+                        ("encode_clip_vision", "video.clip_vision"), ("encode_latents", "video.vae_encode"),
+                        ("decode_latents", "video.vae_decode")):
+        restores.append(recorder.wrap(pipe, name, stage))
+    restores.append(recorder.wrap(pipe.image_projection, "forward", "video.resampler"))
+    original_call = type(pipe).__call__
+
+    def timed_call(self, **kwargs):
+        with recorder.measure("video.sampler"):
+            return original_call(self, **kwargs)
+
+    type(pipe).__call__ = timed_call
+    restores.append(lambda: setattr(type(pipe), "__call__", original_call))
+    restores.append(recorder.wrap(manager.memory, "load_models_to_gpu", "model_moves"))
+    return restores
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSettings:
+    width: int = 512
+    height: int = 640
+    undo_steps: tuple[int, ...] = (400, 600, 800, 900, 950, 999)
+    keyframe_steps: int = 50
+    video_steps: int = 50
+    buckets: str = "320x512,384x448,448x384,512x320"
+    cfg: float = 3.0
+    video_cfg: float = 7.5
+    segments: Optional[int] = None  # None = all (len(undo_steps) + 1)
+
+
+def example_image() -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(ROOT / "imgs" / "1.png").convert("RGB"))
+
+
+def run_job(manager, settings: JobSettings, recorder: Recorder) -> dict[str, Any]:
+    import paints_undo
+
+    image = example_image()
+    with recorder.measure("keyframes"):
+        keyframes = paints_undo.generate_keyframes(image, "1girl, masterpiece", settings.undo_steps, settings.width,
+                                                   settings.height, 12345, settings.keyframe_steps,
+                                                   "lowres, bad anatomy", settings.cfg, models=manager)
+    if settings.segments is not None:
+        keyframes = keyframes[: settings.segments + 1]
+    with recorder.measure("video"):
+        result = paints_undo.generate_video(keyframes, "1girl, masterpiece, best quality", settings.video_steps,
+                                            settings.video_cfg, 123, buckets=settings.buckets, models=manager)
+    return {"keyframes": len(keyframes), "video_frames": int(result.frames.shape[0]),
+            "video_size": list(result.frames.shape[1:3]), "finite": bool(np.isfinite(result.frames).all())}
+
+
+# -- optimised vs reference paths ------------------------------------------------------------------
+
+
+def compare_paths(manager, bucket: tuple[int, int], steps: int) -> dict[str, float]:
+    """Max |difference| between optimised and reference code paths on the same inputs and seed."""
+    pipe = manager._multi.pipeline
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    h, w = bucket
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, t = 1, 16
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    ctx = pipe.unet.config["context_dim"]
+    kw = dict(positive_text_cond=rnd(b, 77, ctx), negative_text_cond=rnd(b, 77, ctx),
+              positive_image_cond=rnd(b, t, 16, ctx), negative_image_cond=rnd(b, t, 16, ctx),
+              concat_cond=rnd(b, 4, t, h // 8, w // 8), fs=3)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        ref = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=torch.Generator(device).manual_seed(1),
+                   batch_cfg=False, **kw)
+        fast = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=torch.Generator(device).manual_seed(1),
+                    batch_cfg=True, **kw)
+        out["video_latents_batched_cfg_vs_two_passes_max_abs"] = float((ref.float() - fast.float()).abs().max())
+        out["video_latents_abs_max"] = float(ref.float().abs().max())
+        # Reference-attention chunking in the VAE decoder (low mode) vs all frames at once.
+        hidden = [rnd(b, c, 2, h >> i, w >> i) for i, c in enumerate(_encoder_channels(pipe))]
+        hidden.append(rnd(b, pipe.vae.config["ch"], 2, h, w))
+        latents = rnd(b, 4, t, h // 8, w // 8)
+        chunk_before = pipe.vae.decoder.frame_chunk
+        pipe.vae.set_decoder_frame_chunk(0)
+        whole = pipe.decode_latents(latents, hidden)
+        pipe.vae.set_decoder_frame_chunk(4)
+        chunked = pipe.decode_latents(latents, hidden)
+        pipe.vae.set_decoder_frame_chunk(chunk_before)
+        out["vae_decode_frame_chunked_vs_whole_max_abs"] = float((whole.float() - chunked.float()).abs().max())
+    return out
+
+
+def run_compare(shared, settings: JobSettings, tiny: bool) -> dict[str, float]:
+    manager = with_mode(shared, "high")
+    manager.memory.load_models_to_gpu(manager._multi.modules())
+    bucket = tuple(int(v) for v in settings.buckets.split(",")[0].split("x"))
+    try:
+        return compare_paths(manager, bucket, steps=2 if tiny else 4)
+    finally:
+        manager.unload_all()
+
+
+def _encoder_channels(pipe) -> list[int]:
+    cfg = pipe.vae.config
+    return [cfg["ch"] * m for m in cfg["ch_mult"]]
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "numpy", "huggingface-hub"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_gib=round(props.total_memory / 2**30, 1),
+                    capability=list(torch.cuda.get_device_capability(device)))
+    return info
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs, few steps (CPU smoke test)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--modes", default="high,normal,low",
+                        help="comma list of high/normal/low, optionally with '-compile' (e.g. high-compile)")
+    parser.add_argument("--keyframe-steps", type=int, default=None)
+    parser.add_argument("--video-steps", type=int, default=None)
+    parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
+    parser.add_argument("--buckets", default=None)
+    parser.add_argument("--size", default=None, help="keyframe WIDTHxHEIGHT (default 512x640)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNets in every mode")
+    parser.add_argument("--warmup", action="store_true", help="one short untimed run first (lazy init, autotuning)")
+    parser.add_argument("--no-batch-cfg", action="store_true", help="two UNet calls per step, as the original")
+    parser.add_argument("--compare", action="store_true", help="also check optimised vs reference paths")
+    parser.add_argument("--other-modes-segments", type=int, default=None,
+                        help="video segments for the modes after the first (time scales per segment)")
+    parser.add_argument("--time-budget", type=float, default=None, help="skip remaining modes after this many s")
+    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("paints_undo", "diffusers_vdm", "memory_management"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from memory_management import select_device
+    from paints_undo.models import ModelManager
+
+    device = select_device(args.device if args.device else ("cpu" if args.tiny else None))
+    configs = load_configs(args.tiny)
+    settings = JobSettings()
+    if args.tiny:
+        settings = JobSettings(width=128, height=128, undo_steps=(400, 999), keyframe_steps=2, video_steps=2,
+                               buckets="80x128,96x112,112x96,128x80")
+    if args.keyframe_steps:
+        settings.keyframe_steps = args.keyframe_steps
+    if args.video_steps:
+        settings.video_steps = args.video_steps
+    if args.segments:
+        settings.segments = args.segments
+    if args.buckets:
+        settings.buckets = args.buckets
+    if args.size:
+        settings.width, settings.height = (int(v) for v in args.size.lower().split("x"))
+
+    report: dict[str, Any] = {
+        "device": device_info(device), "versions": versions(), "tiny": args.tiny,
+        "settings": {**settings.__dict__, "compile": args.compile, "batch_cfg": not args.no_batch_cfg},
+        "modes": {}, "default_job_pflop": DEFAULT_JOB_PFLOP, "h100_floor_seconds": H100_FLOOR_SECONDS,
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shared = ModelManager(device=str(device), vram_mode="high", compile=args.compile)
+    build_start = time.perf_counter()
+    build_models(shared, configs, device)
+    report["build_seconds"] = round(time.perf_counter() - build_start, 2)
+    report["parameters"] = parameter_counts(shared)
+    report["dtypes"] = {k: str(shared.memory.dtype_for(k)).replace("torch.", "") for k in (
+        "sf_unet", "sf_text_encoder", "sf_vae", "mf_unet", "mf_text_encoder", "mf_vae", "mf_image_encoder",
+        "mf_image_projection")}
+    shared.unload_all()  # every mode starts with the models in system memory, as the app does
+
+    if args.warmup:
+        # Lazy CUDA init, kernel loading and cuDNN autotuning for these shapes, outside the timings.
+        warm = with_mode(shared, "high")
+        warm_settings = JobSettings(**{**settings.__dict__, "keyframe_steps": 2, "video_steps": 2, "segments": 1})
+        t0 = time.perf_counter()
+        run_job(warm, warm_settings, Recorder(device))
+        report["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+        warm.unload_all()
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for index, mode in enumerate(modes):
+        if args.time_budget and time.perf_counter() - started > args.time_budget:
+            report["modes"][mode] = {"skipped": "time budget"}
+            continue
+        vram_mode, _, variant = mode.partition("-")
+        if variant == "compile":
+            shared.compile = True
+            for unet in (shared._single.unet, shared._multi.pipeline.unet):
+                unet.compile()
+        manager = with_mode(shared, vram_mode, batch_cfg=False if args.no_batch_cfg else None)
+        mode_settings = JobSettings(**{**settings.__dict__})
+        if index > 0 and args.other_modes_segments:
+            mode_settings.segments = args.other_modes_segments
+        if variant == "compile":
+            t0 = time.perf_counter()
+            warm_settings = JobSettings(**{**settings.__dict__, "keyframe_steps": 2, "video_steps": 2, "segments": 1})
+            run_job(manager, warm_settings, Recorder(device))
+            compile_seconds = round(time.perf_counter() - t0, 2)
+            manager.unload_all()
+        recorder = Recorder(device)
+        restores = instrument(manager, recorder)
+        entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
+                                 "compile": variant == "compile",
+                                 "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
+                                 "unet_attention_batch_chunk": manager.memory.unet_attention_batch_chunk}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            entry["job"] = run_job(manager, mode_settings, recorder)
+        except Exception as exc:  # record and go on with the next mode
+            logger.exception("mode %s failed", mode)
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        for restore in restores:
+            restore()
+        entry["stages"] = {k: {f: round(v, 3) if isinstance(v, float) else v for f, v in s.__dict__.items()}
+                           for k, s in recorder.stages.items()}
+        total = sum(recorder.stages[s].seconds for s in ("keyframes", "video") if s in recorder.stages)
+        entry["total_seconds"] = round(total, 2)
+        segments_run = entry.get("job", {}).get("keyframes", 1) - 1
+        if "video" in recorder.stages and segments_run > 0:
+            entry["seconds_per_segment"] = round(recorder.stages["video"].seconds / segments_run, 2)
+        if mode_settings.segments is None:
+            entry["ratio_to_h100_floor"] = round(total / H100_FLOOR_SECONDS, 2)
+        if device.type == "cuda":
+            entry["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        if variant == "compile":
+            entry["compile_warmup_seconds"] = compile_seconds
+        report["modes"][mode] = entry
+        logger.info("mode %s: %s", mode, json.dumps({k: v for k, v in entry.items() if k != "stages"}))
+        if args.compare and "compare" not in report and variant != "compile":
+            report["compare"] = run_compare(shared, settings, args.tiny)
+        manager.unload_all()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        out_path.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive a later failure
+
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({m: {k: e.get(k) for k in ("total_seconds", "peak_allocated_gib", "error")}
+                      for m, e in report["modes"].items()}, indent=1))
+    return 0 if all("error" not in e for e in report["modes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
