@@ -117,6 +117,12 @@ class Services:
         with self._lock:
             return self._stops.setdefault(key, threading.Event())
 
+    def begin_run(self, request: Optional[gr.Request]) -> threading.Event:
+        """The session's stop flag, cleared for a new run (a Stop pressed earlier must not end it)."""
+        stop = self.stop_flag(request)
+        stop.clear()
+        return stop
+
 
 # -- helpers -----------------------------------------------------------------------------------------
 
@@ -132,6 +138,14 @@ def upload_path(payload: Any) -> Optional[str]:
     if isinstance(payload, dict):
         return payload.get("path")
     return getattr(payload, "path", None)
+
+
+def required_upload(payload: Any) -> str:
+    """The uploaded image's path, or a message asking for one."""
+    path = upload_path(payload)
+    if not path:
+        raise user_message("Upload an image first.")
+    return path
 
 
 def user_message(message: str, title: str = "Error") -> gr.Error:
@@ -251,19 +265,13 @@ def _zip_folder(folder: Path, target: Path) -> Path:
 def make_handlers(services: Services) -> dict[str, Callable]:
     @user_errors
     def tag(image: Any) -> str:
-        image = upload_path(image)
-        if not image:
-            raise user_message("Upload an image first.")
-        return services.models.tag(image)
+        return services.models.tag(required_upload(image))
 
     @user_errors
     def keyframes(image, prompt, undo_steps, seed, width, height, steps, n_prompt, cfg,
                   request: gr.Request = None, progress=gr.Progress()):
-        image = upload_path(image)
-        if not image:
-            raise user_message("Upload an image first.")
-        stop = services.stop_flag(request)
-        stop.clear()
+        image = required_upload(image)
+        stop = services.begin_run(request)
 
         def work(on_progress, stop_event):
             return paints_undo.generate_keyframes(
@@ -282,8 +290,7 @@ def make_handlers(services: Services) -> dict[str, Callable]:
         fps = int(fps)
         if fps < 1:
             raise user_message("FPS must be at least 1.")
-        stop = services.stop_flag(request)
-        stop.clear()
+        stop = services.begin_run(request)
         stem = export.unique_output_stem()
         services.results_dir.mkdir(parents=True, exist_ok=True)
         segments: list = []
@@ -320,11 +327,8 @@ def make_handlers(services: Services) -> dict[str, Callable]:
 
     @user_errors
     def lineart(image, detectors, request: gr.Request = None, progress=gr.Progress()):
-        image = upload_path(image)
-        if not image:
-            raise user_message("Upload an image first.")
-        stop = services.stop_flag(request)
-        stop.clear()
+        image = required_upload(image)
+        stop = services.begin_run(request)
 
         def work(on_progress, stop_event):
             return extract_lineart(image, list(detectors or []), models=services.models, progress=on_progress,
@@ -343,11 +347,8 @@ def make_handlers(services: Services) -> dict[str, Callable]:
     @user_errors
     def sketches(image, prompt, detectors, sketch_steps, sets, seed, width, height, steps, n_prompt, cfg,
                  request: gr.Request = None, progress=gr.Progress()):
-        image = upload_path(image)
-        if not image:
-            raise user_message("Upload an image first.")
-        stop = services.stop_flag(request)
-        stop.clear()
+        image = required_upload(image)
+        stop = services.begin_run(request)
 
         def work(on_progress, stop_event):
             return generate_sketches(image, prompt or "", list(sketch_steps or []), sets, seed, width, height, steps,

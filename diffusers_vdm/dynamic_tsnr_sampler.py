@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .modeling import module_device, module_dtype
+
 N_TIMESTEPS = 1000
 LINEAR_START = 0.00085
 LINEAR_END = 0.012
@@ -104,7 +106,7 @@ class SamplerDynamicTSNR(nn.Module):
 
         betas = rescale_zero_terminal_snr(scaled_linear_betas(LINEAR_START, LINEAR_END, N_TIMESTEPS))
         alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
-        device = _module_device(unet)
+        device = module_device(unet)
         as_f32 = lambda a: torch.tensor(a, dtype=torch.float32, device=device)  # noqa: E731
         self.register_buffer("alphas_cumprod", as_f32(alphas_cumprod))
         self.register_buffer("sqrt_alphas_cumprod", as_f32(np.sqrt(alphas_cumprod)))
@@ -139,7 +141,7 @@ class SamplerDynamicTSNR(nn.Module):
         runs the two guidance branches as one batch of 2 (same math, one UNet call per step).
         """
         bar = progress_tqdm if progress_tqdm is not None else _default_progress
-        device, dtype = _module_device(self.unet), _module_dtype(self.unet)
+        device, dtype = module_device(self.unet), module_dtype(self.unet)
         eta = 1.0
 
         timesteps = self.get_uniform_trailing_steps(steps)
@@ -181,7 +183,7 @@ class SamplerDynamicTSNR(nn.Module):
     def model_apply(self, x: torch.Tensor, t: torch.Tensor, cfg_scale: float, positive: dict, negative: dict,
                     batch_cfg: bool = False) -> torch.Tensor:
         """Guided v-prediction: ``n + cfg * (p - n)``, then rescaled towards ``p``'s std by 0.7."""
-        x = x.to(device=_module_device(self.unet), dtype=_module_dtype(self.unet))
+        x = x.to(device=module_device(self.unet), dtype=module_dtype(self.unet))
         if batch_cfg:
             b = x.shape[0]
             both = {k: _cat_pair(positive[k], negative[k], b) for k in positive}
@@ -205,11 +207,3 @@ def _default_progress(iterable):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=None)
-
-
-def _module_device(m: nn.Module) -> torch.device:
-    return next(m.parameters()).device
-
-
-def _module_dtype(m: nn.Module) -> torch.dtype:
-    return next(m.parameters()).dtype

@@ -17,6 +17,7 @@ import torch
 from .dynamic_tsnr_sampler import SamplerDynamicTSNR
 from .improved_clip_vision import ImprovedCLIPVisionModelWithProjection
 from .loading import load_module_folder, load_transformers_model, resolve_model_folder
+from .modeling import module_device, module_dtype
 from .projection import Resampler
 from .unet import UNet3DModel
 from .vae import VideoAutoencoderKL
@@ -24,14 +25,6 @@ from .vae import VideoAutoencoderKL
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "vae", "image_projection", "unet")
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _dtype_of(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 class LatentVideoDiffusionPipeline:
@@ -106,14 +99,14 @@ class LatentVideoDiffusionPipeline:
         """``(1, 77, d)`` last hidden state of the prompt, truncated/padded to 77 tokens."""
         ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(_device_of(self.text_encoder)), attention_mask=None).last_hidden_state
+        return self.text_encoder(ids.to(module_device(self.text_encoder)), attention_mask=None).last_hidden_state
 
     @torch.inference_mode()
     def encode_clip_vision(self, frames: torch.Tensor) -> torch.Tensor:
         """``frames`` (b, 3, t, h, w) in [-1, 1] -> CLIP-vision tokens (b, t, tokens, d)."""
         b, c, t, h, w = frames.shape
         flat = frames.transpose(1, 2).reshape(b * t, c, h, w)
-        flat = flat.to(device=_device_of(self.image_encoder), dtype=_dtype_of(self.image_encoder))
+        flat = flat.to(device=module_device(self.image_encoder), dtype=module_dtype(self.image_encoder))
         tokens = self.image_encoder(flat).last_hidden_state
         return tokens.reshape(b, t, *tokens.shape[1:])
 
@@ -125,7 +118,7 @@ class LatentVideoDiffusionPipeline:
         level (each (b, c, 2, h_i, w_i)), which guide the decoder.
         """
         b, c, t, h, w = videos.shape
-        flat = videos.transpose(1, 2).reshape(b * t, c, h, w).to(device=_device_of(self.vae), dtype=_dtype_of(self.vae))
+        flat = videos.transpose(1, 2).reshape(b * t, c, h, w).to(device=module_device(self.vae), dtype=module_dtype(self.vae))
         posterior, hidden_states = self.vae.encode(flat, return_hidden_states=return_hidden_states)
         z = posterior.mode() * self.vae.scale_factor
         z = z.reshape(b, t, *z.shape[1:]).transpose(1, 2)
@@ -139,7 +132,7 @@ class LatentVideoDiffusionPipeline:
         """Scaled latents (b, 4, t, h, w) + encoder features -> frames (b, 3, t, 8h, 8w), about [-1, 1]."""
         b, c, t, h, w = latents.shape
         z = latents.transpose(1, 2).reshape(b * t, c, h, w)
-        z = z.to(device=_device_of(self.vae), dtype=_dtype_of(self.vae)) / self.vae.scale_factor
+        z = z.to(device=module_device(self.vae), dtype=module_dtype(self.vae)) / self.vae.scale_factor
         hidden_states = [hs.to(device=z.device, dtype=z.dtype) for hs in hidden_states]
         pixels = self.vae.decode(z, ref_context=hidden_states, timesteps=t)
         return pixels.reshape(b, t, *pixels.shape[1:]).transpose(1, 2)
@@ -168,7 +161,7 @@ class LatentVideoDiffusionPipeline:
         Random numbers come from the global RNG as in the original (seed with ``torch.manual_seed``)
         unless ``generator`` is given.
         """
-        device, dtype = _device_of(self.unet), _dtype_of(self.unet)
+        device, dtype = module_device(self.unet), module_dtype(self.unet)
         sampler = SamplerDynamicTSNR(self.unet)
 
         concat_cond = concat_cond.repeat(batch_size, 1, 1, 1, 1).to(device=device, dtype=dtype)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modeling import DeviceDtypeMixin
+
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     inner_dim = int(dim * mult)
@@ -58,7 +60,7 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
-class Resampler(nn.Module):
+class Resampler(DeviceDtypeMixin, nn.Module):
     """``(b, input_frames_length, tokens, embedding_dim) -> (b, video_length, num_queries, output_dim)``.
 
     Constructor kwargs are exactly the keys of the official ``image_projection/config.json``.
@@ -94,14 +96,6 @@ class Resampler(nn.Module):
                 for _ in range(depth)
             ]
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

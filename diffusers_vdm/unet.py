@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import ATTENTION_BACKENDS, TEMPORAL_WINDOW_TYPES, CrossAttention, SpatialTransformer, TemporalTransformer
 from .embeddings import timestep_embedding
+from .modeling import DeviceDtypeMixin
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -211,7 +212,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNet3DModel(nn.Module):
+class UNet3DModel(DeviceDtypeMixin, nn.Module):
     """Video UNet. ``forward(x (b,c,t,h,w), timesteps (b,), context_text, context_img, concat_cond, fs)``.
 
     Constructor kwargs are exactly the keys of the official ``unet/config.json``.
@@ -373,14 +374,6 @@ class UNet3DModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), conv_nd(dims, model_channels, out_channels, 3, padding=1)
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     # -- run-time switches (no parameters involved) ---------------------------------------------
 

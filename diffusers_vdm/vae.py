@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modeling import DeviceDtypeMixin
 from .unet import Upsample, conv_nd, normalization
 
 
@@ -449,7 +450,7 @@ class VideoDecoder(nn.Module):
         return torch.tanh(h) if self.tanh_out else h
 
 
-class VideoAutoencoderKL(nn.Module):
+class VideoAutoencoderKL(DeviceDtypeMixin, nn.Module):
     """Video VAE. Constructor kwargs are exactly the keys of the official ``vae/config.json``."""
 
     #: Latent scaling of the ToonCrafter VAE (fixed, not part of the config).
@@ -469,14 +470,6 @@ class VideoAutoencoderKL(nn.Module):
         self.decoder = VideoDecoder(**common)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def encode(self, x: torch.Tensor, return_hidden_states: bool = False, **kwargs):
         """``x``: images ``(n, 3, h, w)`` in [-1, 1]. Returns ``(posterior, hidden_states or None)``."""
