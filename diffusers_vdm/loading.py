@@ -16,6 +16,8 @@ from typing import Iterable, Optional, Type, TypeVar
 import torch
 from torch import nn
 
+from state_dicts import describe_mismatch
+
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
@@ -102,23 +104,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Raise ``IncompatibleCheckpointError`` unless names and shapes match exactly."""
-    expected = model.state_dict(keep_vars=True)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})")
-        raise IncompatibleCheckpointError(f"Weights in '{source}' do not fit {type(model).__name__}: " + "; ".join(parts) + ".")
+    problems = describe_mismatch(model.state_dict(keep_vars=True), state_dict)
+    if problems:
+        raise IncompatibleCheckpointError(f"Weights in '{source}' do not fit {type(model).__name__}: {problems}.")
 
 
 def build_from_config(cls: Type[M], config: dict, source: str = "config") -> M:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from state_dicts import describe_mismatch
+
 logger = logging.getLogger(__name__)
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
@@ -114,24 +116,12 @@ def load_network(network: nn.Module, state_dict: Mapping[str, torch.Tensor], sou
 
     ``network`` may live on the meta device: tensors are then assigned (no random init, no copy).
     """
-    assign = any(t.is_meta for t in network.state_dict().values())
     expected = network.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
-        for label, items in problems:
-            if items:
-                shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-                parts.append(f"{len(items)} {label} ({shown})")
+    assign = any(t.is_meta for t in expected.values())
+    problems = describe_mismatch(expected, state_dict)
+    if problems:
         raise LineartCheckpointError(
-            f"Line-art checkpoint {source} does not match {type(network).__name__}: {'; '.join(parts)}; "
+            f"Line-art checkpoint {source} does not match {type(network).__name__}: {problems}; "
             "make sure it is the right file from lllyasviel/Annotators."
         )
     network.load_state_dict(dict(state_dict), strict=True, assign=assign)
