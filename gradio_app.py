@@ -89,6 +89,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in low-VRAM mode)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (faster after a slow first run)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
+                        "launches are the bottleneck: no gain on an H100)")
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs before new ones are refused")
     return p.parse_args(argv)
 
@@ -544,7 +547,8 @@ def build_app(services: Services) -> gr.Blocks:
 
 def create_services(args: argparse.Namespace) -> Services:
     models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
-                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile)
+                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
+                          cuda_graphs=args.cuda_graphs)
     return Services(models=models, buckets=parse_buckets(args.video_buckets), results_dir=Path(args.results_dir))
 
 

@@ -105,12 +105,13 @@ def build_models(manager, configs: dict[str, dict], device: torch.device) -> Non
     manager._multi = MultiFrameModels(pipe, origin)
 
 
-def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None):
+def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None, cuda_graphs: bool = False):
     """A manager in VRAM ``mode`` over the already built models of ``shared`` (built once per run)."""
     from paints_undo.models import ModelManager, SingleFrameModels
     from single_frame import KDiffusionSampler
 
-    manager = ModelManager(device=shared.device, vram_mode=mode, compile=shared.compile, batch_cfg=batch_cfg)
+    manager = ModelManager(device=shared.device, vram_mode=mode, compile=shared.compile, batch_cfg=batch_cfg,
+                           cuda_graphs=cuda_graphs)
     sf = shared._single
     sampler = KDiffusionSampler(sf.unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
                                 batched_cfg=manager.use_batch_cfg)
@@ -276,13 +277,34 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int) -> dict[str, flo
               positive_image_cond=rnd(b, t, 16, ctx), negative_image_cond=rnd(b, t, 16, ctx),
               concat_cond=rnd(b, 4, t, h // 8, w // 8), fs=3)
     out: dict[str, float] = {}
+    graphs_before = pipe.cuda_graphs
+
+    def sample(batch_cfg: bool, graphs: bool, native_norm: bool) -> torch.Tensor:
+        pipe.set_cuda_graphs(graphs)
+        pipe.unet.set_fast_clip_norm(not native_norm)
+        try:
+            latents = pipe(batch_size=1, steps=steps, guidance_scale=7.5,
+                           generator=torch.Generator(device).manual_seed(1), batch_cfg=batch_cfg, **kw)
+        finally:
+            pipe.unet.set_fast_clip_norm(True)
+        return latents.float()
+
+    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max())
+
     with torch.inference_mode():
-        ref = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=torch.Generator(device).manual_seed(1),
-                   batch_cfg=False, **kw)
-        fast = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=torch.Generator(device).manual_seed(1),
-                    batch_cfg=True, **kw)
-        out["video_latents_batched_cfg_vs_two_passes_max_abs"] = float((ref.float() - fast.float()).abs().max())
-        out["video_latents_abs_max"] = float(ref.float().abs().max())
+        # Reference: the original's path (two UNet calls per step, eager, PyTorch's group norm).
+        ref = sample(batch_cfg=False, graphs=False, native_norm=True)
+        batched = sample(batch_cfg=True, graphs=False, native_norm=True)
+        wide_norm = sample(batch_cfg=True, graphs=False, native_norm=False)
+        out["video_latents_batched_cfg_vs_two_passes_max_abs"] = max_abs(ref, batched)
+        out["video_latents_clip_group_norm_vs_native_max_abs"] = max_abs(batched, wide_norm)
+        if device.type == "cuda":
+            graphed = sample(batch_cfg=True, graphs=True, native_norm=False)
+            out["video_latents_cuda_graph_vs_eager_max_abs"] = max_abs(wide_norm, graphed)
+            out["video_latents_all_optimisations_vs_reference_max_abs"] = max_abs(ref, graphed)
+        pipe.set_cuda_graphs(graphs_before)
+        out["video_latents_abs_max"] = float(ref.abs().max())
         # Reference-attention chunking in the VAE decoder (low mode) vs all frames at once.
         hidden = [rnd(b, c, 2, h >> i, w >> i) for i, c in enumerate(_encoder_channels(pipe))]
         hidden.append(rnd(b, pipe.vae.config["ch"], 2, h, w))
@@ -341,7 +363,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs, few steps (CPU smoke test)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="high,normal,low",
-                        help="comma list of high/normal/low, optionally with '-compile' (e.g. high-compile)")
+                        help="comma list of high/normal/low, optionally with '-compile' and/or '-graphs' "
+                             "(e.g. high-compile, high-graphs)")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -412,16 +435,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.time_budget and time.perf_counter() - started > args.time_budget:
             report["modes"][mode] = {"skipped": "time budget"}
             continue
-        vram_mode, _, variant = mode.partition("-")
-        if variant == "compile":
+        vram_mode, *variants = mode.split("-")
+        compiled = "compile" in variants
+        if compiled and not shared.compile:
             shared.compile = True
             for unet in (shared._single.unet, shared._multi.pipeline.unet):
                 unet.compile()
-        manager = with_mode(shared, vram_mode, batch_cfg=False if args.no_batch_cfg else None)
+        manager = with_mode(shared, vram_mode, batch_cfg=False if args.no_batch_cfg else None,
+                            cuda_graphs="graphs" in variants)
         mode_settings = JobSettings(**{**settings.__dict__})
         if index > 0 and args.other_modes_segments:
             mode_settings.segments = args.other_modes_segments
-        if variant == "compile":
+        if compiled:
             t0 = time.perf_counter()
             warm_settings = JobSettings(**{**settings.__dict__, "keyframe_steps": 2, "video_steps": 2, "segments": 1})
             run_job(manager, warm_settings, Recorder(device))
@@ -430,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         recorder = Recorder(device)
         restores = instrument(manager, recorder)
         entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
-                                 "compile": variant == "compile",
+                                 "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
                                  "unet_attention_batch_chunk": manager.memory.unet_attention_batch_chunk}
         if device.type == "cuda":
@@ -454,11 +479,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if device.type == "cuda":
             entry["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-        if variant == "compile":
+        if compiled:
             entry["compile_warmup_seconds"] = compile_seconds
+        runner = shared._multi.pipeline._graph_runner
+        if manager.use_cuda_graphs and runner is not None and runner.disabled_reason:
+            entry["cuda_graph_error"] = runner.disabled_reason
         report["modes"][mode] = entry
         logger.info("mode %s: %s", mode, json.dumps({k: v for k, v in entry.items() if k != "stages"}))
-        if args.compare and "compare" not in report and variant != "compile":
+        if args.compare and "compare" not in report and not compiled:
             report["compare"] = run_compare(shared, settings, args.tiny)
         manager.unload_all()
         gc.collect()

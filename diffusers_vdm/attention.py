@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .normalization import ClipGroupNorm
+
 ContextType = Union[None, torch.Tensor, Sequence[torch.Tensor]]
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
@@ -408,7 +410,7 @@ class TemporalTransformer(nn.Module):
         self.in_channels = in_channels
         self.use_linear = use_linear
         inner_dim = n_heads * d_head
-        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = ClipGroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
         else:

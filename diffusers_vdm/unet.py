@@ -17,6 +17,7 @@ from torch import nn
 from .attention import ATTENTION_BACKENDS, TEMPORAL_WINDOW_TYPES, CrossAttention, SpatialTransformer, TemporalTransformer
 from .embeddings import timestep_embedding
 from .modeling import DeviceDtypeMixin
+from .normalization import ClipGroupNorm
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -94,18 +95,18 @@ class TemporalConvBlock(nn.Module):
         th_kernel, th_pad = ((3, 3, 1), (1, 1, 0)) if spatial_aware else ((3, 1, 1), (1, 0, 0))
         tw_kernel, tw_pad = ((3, 1, 3), (1, 0, 1)) if spatial_aware else ((3, 1, 1), (1, 0, 0))
         self.conv1 = nn.Sequential(
-            nn.GroupNorm(32, in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, th_kernel, padding=th_pad)
+            ClipGroupNorm(32, in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, th_kernel, padding=th_pad)
         )
         self.conv2 = nn.Sequential(
-            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            ClipGroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv3d(out_channels, in_channels, tw_kernel, padding=tw_pad),
         )
         self.conv3 = nn.Sequential(
-            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            ClipGroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv3d(out_channels, in_channels, th_kernel, padding=th_pad),
         )
         self.conv4 = nn.Sequential(
-            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            ClipGroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv3d(out_channels, in_channels, tw_kernel, padding=tw_pad),
         )
         # Zero-init of the last conv makes the block start as the identity when trained from scratch.
@@ -399,6 +400,12 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, CrossAttention):
                 m.attention_backend = backend
+
+    def set_fast_clip_norm(self, enabled: bool = True) -> None:
+        """Clip-wide group norms through multi-block reductions on CUDA (default) or PyTorch's kernel."""
+        for m in self.modules():
+            if isinstance(m, ClipGroupNorm):
+                m.fast = bool(enabled)
 
     def set_attention_batch_chunk(self, chunk: int) -> None:
         """Attend ``chunk`` batch entries at a time (0 = all): exact, lower peak memory without flash kernels."""

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "low-VRAM mode; --no-batch-cfg reproduces the original's two calls exactly)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNets (about 1.4x faster sampling on an H100 after a few minutes of warm-up)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
+                        "launches are the bottleneck: no gain on an H100)")
 
     g = p.add_argument_group("run")
     g.add_argument("--no-resume", action="store_true", help="recompute everything even if cached results exist")
@@ -447,7 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
-                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile)
+                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
+                          cuda_graphs=args.cuda_graphs)
     cancel = threading.Event()
     bars = _Bars(args.quiet)
     jobs = [(n, img, None) for n, img in zip(_job_names(images), images)]

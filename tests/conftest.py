@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never reach a model hub: fail fast instead of retrying for ~24 s per call.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,8 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from golden import materialize_repo  # noqa: E402
+
+GIB = 1024**3
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +93,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     lines += [f"| {name} | {err:.3g} | {tol} |" for name, err, tol in sorted(golden.REPORT)]
     (out_dir / "golden_report.md").write_text("\n".join(lines) + "\n")
     terminalreporter.write_sep("-", f"golden report: {len(golden.REPORT)} comparisons -> test-artifacts/golden_report.md")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend a CUDA GPU with ``state['free']`` bytes free and fp16/bf16 support."""
+    import memory_management
+
+    state = {"free": 40 * GIB, "capability": (9, 0), "bf16": True}
+    monkeypatch.setattr(memory_management, "_cuda_available", lambda: True)
+    monkeypatch.setattr(memory_management, "_mps_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: state["bf16"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return state

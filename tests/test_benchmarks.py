@@ -1,4 +1,4 @@
-"""``benchmarks/run.py --tiny``: the CI smoke run of the benchmark (not a timed test)."""
+"""``benchmarks/run.py --tiny`` and ``unet_variants.py --tiny``: CI smoke runs of the benchmarks (not timed tests)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,21 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     # Optimised paths agree with the reference paths (fp32 on CPU: float noise only).
     assert report["compare"]["video_latents_batched_cfg_vs_two_passes_max_abs"] < 1e-3
     assert report["compare"]["vae_decode_frame_chunked_vs_whole_max_abs"] < 1e-5
+    # The clip-wide group norm's fast path is CUDA-only: on the CPU both settings are the same code.
+    assert report["compare"]["video_latents_clip_group_norm_vs_native_max_abs"] == 0.0
+    assert high["cuda_graphs"] is False and "cuda_graph_error" not in high
+
+
+def test_tiny_unet_variant_timer(tmp_path):
+    out = tmp_path / "variants.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/unet_variants.py", "--tiny", "--iters", "1", "--profile", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    variants = report["variants"]
+    assert set(variants) == {"native-groupnorm", "default"}  # no CUDA: no graph variant
+    assert all(v["ms"] > 0 and v["finite"] for v in variants.values())
+    assert variants["default"]["max_abs_diff"] == 0.0
+    assert report["profile_default"] and all(row["ms"] >= 0 for row in report["profile_default"])

@@ -16,21 +16,6 @@ GiB = mm.GiB
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """Pretend a CUDA GPU with ``state['free']`` bytes free and fp16/bf16 support."""
-    state = {"free": 40 * GiB, "capability": (9, 0), "bf16": True}
-    monkeypatch.setattr(mm, "_cuda_available", lambda: True)
-    monkeypatch.setattr(mm, "_mps_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * GiB))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: state["bf16"])
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    return state
-
-
 class RecordingModule(torch.nn.Module):
     """Records ``.to(device)`` calls instead of moving (there is no GPU to move to)."""
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One lent-GPU session of issue 7's measurements (see benchmarks/README.md), results under $OUT:
+#   1. video-UNet step variants with a kernel profile      -> unet_variants.json
+#   2. the whole default job in high mode (+ --compare), then one segment without CUDA graphs
+#                                                           -> job.json
+#   3. if time is left: high mode with torch.compile, one segment -> job_compile.json
+# The device image lacks diffusers: carry its wheel in .whl (see the device tool's README).
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+budget=${BUDGET_S:-540}
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+timeout 150 python3 benchmarks/unet_variants.py --profile --out "$OUT/unet_variants.json" 2>&1 | grep -v USDT | tee "$OUT/log_variants.txt"
+timeout 260 python3 benchmarks/run.py --modes high,high-nographs --warmup --compare --other-modes-segments 1 \
+  --out "$OUT/job.json" 2>&1 | grep -v USDT | tee "$OUT/log_job.txt" | grep -E "mode |ERROR|Error|error" | cut -c1-600
+left=$((budget - SECONDS))
+echo "seconds left for compile: $left"
+if [ "$left" -gt 200 ]; then
+  timeout "$left" python3 benchmarks/run.py --modes high-compile --segments 1 \
+    --out "$OUT/job_compile.json" 2>&1 | grep -v USDT | tee "$OUT/log_compile.txt" | grep -E "mode |ERROR|Error|error" | cut -c1-600
+fi
+echo "total ${SECONDS}s"

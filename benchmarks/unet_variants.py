@@ -1,0 +1,208 @@
+"""Speed of one video-UNet step per implementation variant, at the default job's shape.
+
+The video UNet is about 90 % of the default job, so its step time decides the whole. This script
+builds it at full size (``configs/full.json``, random weights, fp16), feeds it the shape of one
+batched-CFG sampler step (2 x 16 frames of 56x48 latents, text and image context) and times
+variants of the same math against each other, with the max abs difference of each output from
+the first (reference) variant's:
+
+* ``native-groupnorm``: clip-wide group norms through PyTorch's kernel (the reference path);
+* ``default``: clip-wide group norms through ``ClipGroupNorm``'s multi-block reductions;
+* ``default+cuda-graph``: the same, replayed through ``CUDAGraphRunner`` (the high-mode default);
+* ``compile`` / ``compile+cuda-graph``: ``torch.compile`` of the default (``--compile``; minutes).
+
+``--profile`` prints the kernels that take the most GPU time (``torch.profiler``). Results go to
+``--out`` as JSON. CUDA only; ``--tiny`` runs the tiny config on CPU as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("unet_variants")
+
+
+def build_unet(tiny: bool, device: torch.device, dtype: torch.dtype):
+    from diffusers_vdm import UNet3DModel
+
+    config = json.loads((HERE / "configs" / ("tiny.json" if tiny else "full.json")).read_text())["mf_unet"]
+    with torch.device(device):
+        unet = UNet3DModel(**config)
+    # Random values everywhere (the checkpoint has no zeros where the initialiser puts them).
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    return unet.to(dtype=dtype).eval().requires_grad_(False), config
+
+
+def make_inputs(config: dict, device: torch.device, dtype: torch.dtype, tiny: bool) -> dict[str, Any]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, t = 2, int(config["temporal_length"] or 16)
+    h, w = (8, 8) if tiny else (56, 48)
+    d = config["context_dim"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    return dict(
+        x=rnd(b, 4, t, h, w),
+        timesteps=torch.tensor([500.0, 500.0], device=device),
+        context_text=rnd(b, 77, d),
+        context_img=rnd(b, t, 16, d),
+        concat_cond=rnd(b, config["in_channels"] - 4, t, h, w),
+        fs=torch.tensor([24, 24], device=device),
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 3) -> tuple[float, list[float]]:
+    """Median milliseconds of ``fn`` (device events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def top_kernels(fn: Callable[[], Any], device: torch.device, rows: int = 18) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events)
+    out = []
+    for e in events[:rows]:
+        out.append(dict(name=e.key[:90], ms=round(getattr(e, key) / 1e3, 3), calls=e.count,
+                        share=round(getattr(e, key) / max(total, 1), 4)))
+    logger.info("total profiled %s time %.1f ms", "GPU" if device.type == "cuda" else "CPU", total / 1e3)
+    for row in out:
+        logger.info("  %7.2f ms %5.1f%% %5d  %s", row["ms"], 100 * row["share"], row["calls"], row["name"])
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the best layout")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the reference and best variants")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+    from diffusers_vdm.cuda_graphs import CUDAGraphRunner
+
+    unet, config = build_unet(args.tiny, device, dtype)
+    inputs = make_inputs(config, device, dtype, args.tiny)
+    report: dict[str, Any] = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__, cudnn=torch.backends.cudnn.version(), dtype=str(dtype),
+        shape=dict(batch=2, frames=int(inputs["x"].shape[2]), latent_hw=list(inputs["x"].shape[3:])),
+        variants={},
+    )
+
+    @torch.inference_mode()
+    def step() -> torch.Tensor:
+        return unet(**inputs)
+
+    reference: Optional[torch.Tensor] = None
+
+    def measure(name: str, fn: Callable[[], torch.Tensor], **extra) -> float:
+        nonlocal reference
+        ms, times = time_ms(fn, device, args.iters)
+        out = fn().float()
+        if reference is None:
+            reference = out.clone()
+        diff = (out - reference).abs().max().item()
+        report["variants"][name] = dict(ms=round(ms, 3), times=[round(t, 3) for t in times],
+                                        max_abs_diff=diff, finite=bool(torch.isfinite(out).all()), **extra)
+        logger.info("%-28s %8.2f ms/step   max|diff| %.3g", name, ms, diff)
+        return ms
+
+    unet.set_fast_clip_norm(False)
+    measure("native-groupnorm", step)
+    if args.profile:
+        report["profile_native_groupnorm"] = top_kernels(step, device)
+    unet.set_fast_clip_norm(True)
+    measure("default", step)
+    if args.profile:
+        report["profile_default"] = top_kernels(step, device)
+
+    def through_graph(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        runner = CUDAGraphRunner(module)
+
+        @torch.inference_mode()
+        def call() -> torch.Tensor:
+            return runner(**inputs)
+
+        call()
+        if runner.disabled_reason:
+            report["variants"]["cuda_graph_error"] = runner.disabled_reason
+        return call
+
+    if device.type == "cuda":
+        measure("default+cuda-graph", through_graph(unet))
+
+    if args.compile:
+        t0 = time.perf_counter()
+        unet.compile(mode=args.compile_mode)
+        step()
+        sync(device)
+        warmup_s = time.perf_counter() - t0
+        logger.info("compile warm-up %.1f s", warmup_s)
+        measure(f"compile({args.compile_mode or 'default'})", step, warmup_s=round(warmup_s, 1))
+        if device.type == "cuda":
+            measure(f"compile({args.compile_mode or 'default'})+cuda-graph", through_graph(unet))
+
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

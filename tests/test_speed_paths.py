@@ -1,0 +1,152 @@
+"""The speed paths of issue 7 that CPU can check: clip-wide group norm, cached embedding
+frequencies, the CUDA-graph runner's fallbacks and signatures, and how they are switched on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers_vdm.cuda_graphs import CUDAGraphRunner, _signature
+from diffusers_vdm.embeddings import timestep_embedding
+from diffusers_vdm.normalization import ClipGroupNorm, wide_group_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_wide_group_norm_matches_group_norm(dtype, affine):
+    g = torch.Generator().manual_seed(0)
+    # Offset and scale so that a variance computed carelessly would lose digits.
+    x = torch.randn(2, 64, 5, 6, 7, generator=g, dtype=dtype) * 3.0 + 2.0
+    frames_major = x.transpose(1, 2).contiguous().transpose(1, 2)  # the UNet's non-contiguous view
+    weight = torch.randn(64, generator=g, dtype=dtype) if affine else None
+    bias = torch.randn(64, generator=g, dtype=dtype) if affine else None
+    expected = F.group_norm(x, 32, weight, bias, 1e-6)
+    got = wide_group_norm(frames_major, 32, weight, bias, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (got - expected).abs().max().item() < tolerance
+
+
+def test_wide_group_norm_keeps_half_precision_output():
+    x = torch.randn(1, 32, 2, 3, 4).to(torch.bfloat16)
+    out = wide_group_norm(x, 8, torch.ones(32, dtype=torch.bfloat16), torch.zeros(32, dtype=torch.bfloat16), 1e-5)
+    assert out.dtype == torch.bfloat16
+    expected = F.group_norm(x.float(), 8, None, None, 1e-5)
+    assert (out.float() - expected).abs().max().item() < 0.05
+
+
+def test_clip_group_norm_is_a_group_norm_and_exact_on_cpu():
+    norm = ClipGroupNorm(32, 64, eps=1e-6)
+    reference = nn.GroupNorm(32, 64, eps=1e-6)
+    assert list(norm.state_dict()) == list(reference.state_dict()) == ["weight", "bias"]
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 64, 4, 3, 5)
+    # On the CPU the fast path is not taken: bit-identical to PyTorch's group norm.
+    assert torch.equal(norm(x), reference(x))
+
+
+def test_unet_switches_every_clip_norm(tiny_mf_repo):
+    from diffusers_vdm import UNet3DModel
+    from diffusers_vdm.loading import load_module_folder
+
+    unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None)
+    norms = [m for m in unet.modules() if isinstance(m, ClipGroupNorm)]
+    # Four per temporal conv block and one per temporal transformer.
+    assert norms and all(m.fast for m in norms)
+    unet.set_fast_clip_norm(False)
+    assert not any(m.fast for m in norms)
+    # The per-frame group norms stay plain (their kernel is already parallel enough).
+    assert all(type(m) is nn.GroupNorm for name, m in unet.named_modules()
+               if isinstance(m, nn.GroupNorm) and ("in_layers" in name or "out_layers" in name))
+
+
+def test_timestep_embedding_frequencies_are_cached_and_exact():
+    t = torch.tensor([0.0, 1.0, 999.0])
+    first = timestep_embedding(t, 320)
+    second = timestep_embedding(t, 320)
+    half = 160
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None] * freqs[None]
+    assert torch.equal(first, torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+    assert torch.equal(first, second)
+    from diffusers_vdm.embeddings import _frequencies
+
+    assert _frequencies(half, 10000, t.device) is _frequencies(half, 10000, t.device)
+
+
+class _Doubler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x, t, context=None):
+        out = x * self.scale + t[:, None]
+        return out if context is None else out + context.sum()
+
+
+def test_cuda_graph_runner_falls_back_to_the_module_on_cpu():
+    module = _Doubler()
+    runner = CUDAGraphRunner(module)
+    x, t = torch.randn(2, 3), torch.tensor([1.0, 2.0])
+    with torch.inference_mode():
+        out = runner(x, t, context=torch.ones(2))
+    assert torch.equal(out, module(x, t, context=torch.ones(2)))
+    assert runner.disabled_reason == "inputs are not on a CUDA device"
+    # Parameters are the module's own (device and dtype queries keep working through the runner).
+    assert list(runner.parameters()) == list(module.parameters())
+
+
+def test_cuda_graph_signature_tracks_shapes_layouts_and_plain_values():
+    a = {"x": torch.zeros(2, 3), "fs": 3, "ctx": (torch.zeros(1, 4), torch.zeros(1, 2))}
+    same = {"x": torch.ones(2, 3), "fs": 3, "ctx": (torch.ones(1, 4), torch.ones(1, 2))}
+    assert _signature(a) == _signature(same)
+    for changed in ({**a, "x": torch.zeros(3, 3)}, {**a, "x": torch.zeros(2, 3, dtype=torch.float64)},
+                    {**a, "x": torch.zeros(3, 2).t()}, {**a, "fs": 4},
+                    {**a, "ctx": (torch.zeros(1, 4), torch.zeros(1, 3))}):
+        assert _signature(changed) != _signature(a)
+
+
+def test_cuda_graph_runner_notices_moved_weights():
+    module = _Doubler()
+    runner = CUDAGraphRunner(module)
+    before = runner._weights_signature()
+    module.to(torch.float64)
+    assert runner._weights_signature() != before
+
+
+def test_model_manager_and_pipeline_switch(tiny_mf_repo, fake_cuda):
+    from diffusers_vdm import LatentVideoDiffusionPipeline
+    from paints_undo.models import ModelManager
+
+    pipe = LatentVideoDiffusionPipeline.from_pretrained(tiny_mf_repo)
+    # Opt-in: exact, but measured no faster on an H100.
+    assert not ModelManager(device="cuda", vram_mode="high").use_cuda_graphs
+    assert ModelManager(device="cuda", vram_mode="high", cuda_graphs=True).use_cuda_graphs
+    assert not ModelManager(device="cpu", vram_mode="high", cuda_graphs=True).use_cuda_graphs
+
+    ModelManager(device="cuda", vram_mode="high").apply_memory_settings(pipe)
+    assert not pipe.cuda_graphs
+    ModelManager(device="cuda", vram_mode="high", cuda_graphs=True).apply_memory_settings(pipe)
+    assert pipe.cuda_graphs
+    # The UNet lives on the CPU here, so sampling calls it directly.
+    assert pipe.sampling_unet() is pipe.unet
+    pipe.set_cuda_graphs(False)
+    assert not pipe.cuda_graphs and pipe._graph_runner is None
+
+
+def test_cli_and_app_accept_the_cuda_graph_flags():
+    import gradio_app
+    from paints_undo import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["--cuda-graphs", "x.png"]).cuda_graphs is True
+    assert parser.parse_args(["x.png"]).cuda_graphs is False
+    assert gradio_app.parse_args(["--cuda-graphs"]).cuda_graphs is True
+    assert gradio_app.parse_args([]).cuda_graphs is False
