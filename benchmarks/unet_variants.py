@@ -6,9 +6,11 @@ batched-CFG sampler step (2 x 16 frames of 56x48 latents, text and image context
 variants of the same math against each other, with the max abs difference of each output from
 the first (reference) variant's:
 
-* ``native-groupnorm``: clip-wide group norms through PyTorch's kernel (the reference path);
-* ``default``: clip-wide group norms through ``ClipGroupNorm``'s multi-block reductions;
-* ``default+cuda-graph``: the same, replayed through ``CUDAGraphRunner`` (the high-mode default);
+* ``reference``: PyTorch's group-norm kernel for the clip-wide norms, one matrix product per
+  feed-forward gate (the original's kernels);
+* ``clip-norm``: clip-wide group norms through ``ClipGroupNorm``'s multi-block reductions;
+* ``default``: that plus the feed-forward gates as two contiguous products (``GEGLU.split``);
+* ``default+cuda-graph``: the default replayed through ``CUDAGraphRunner`` (opt-in ``--cuda-graphs``);
 * ``compile`` / ``compile+cuda-graph``: ``torch.compile`` of the default (``--compile``; minutes).
 
 ``--profile`` prints the kernels that take the most GPU time (``torch.profiler``). Results go to
@@ -164,10 +166,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return ms
 
     unet.set_fast_clip_norm(False)
-    measure("native-groupnorm", step)
+    unet.set_split_geglu(False)
+    measure("reference", step)
     if args.profile:
-        report["profile_native_groupnorm"] = top_kernels(step, device)
+        report["profile_reference"] = top_kernels(step, device)
     unet.set_fast_clip_norm(True)
+    measure("clip-norm", step)
+    unet.set_split_geglu(True)
     measure("default", step)
     if args.profile:
         report["profile_default"] = top_kernels(step, device)

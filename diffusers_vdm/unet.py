@@ -407,6 +407,14 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
             if isinstance(m, ClipGroupNorm):
                 m.fast = bool(enabled)
 
+    def set_split_geglu(self, enabled: bool = True) -> None:
+        """On CUDA, feed-forward gates as two contiguous matrix products (default) or one split in halves."""
+        from .attention import GEGLU
+
+        for m in self.modules():
+            if isinstance(m, GEGLU):
+                m.split = bool(enabled)
+
     def set_attention_batch_chunk(self, chunk: int) -> None:
         """Attend ``chunk`` batch entries at a time (0 = all): exact, lower peak memory without flash kernels."""
         for m in self.modules():

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in "
                         "low-VRAM mode; --no-batch-cfg reproduces the original's two calls exactly)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNets (about 1.4x faster sampling on an H100 after a few minutes of warm-up)")
+                   help="torch.compile the UNets (about 1.3x faster video sampling on an H100 after ~3 minutes of warm-up)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
                         "launches are the bottleneck: no gain on an H100)")

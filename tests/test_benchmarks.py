@@ -30,8 +30,8 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     # Optimised paths agree with the reference paths (fp32 on CPU: float noise only).
     assert report["compare"]["video_latents_batched_cfg_vs_two_passes_max_abs"] < 1e-3
     assert report["compare"]["vae_decode_frame_chunked_vs_whole_max_abs"] < 1e-5
-    # The clip-wide group norm's fast path is CUDA-only: on the CPU both settings are the same code.
-    assert report["compare"]["video_latents_clip_group_norm_vs_native_max_abs"] == 0.0
+    # The fast clip-norm and split-gate kernels are CUDA-only: on the CPU both settings run the same code.
+    assert report["compare"]["video_latents_fast_kernels_vs_reference_kernels_max_abs"] == 0.0
     assert high["cuda_graphs"] is False and "cuda_graph_error" not in high
 
 
@@ -44,7 +44,8 @@ def test_tiny_unet_variant_timer(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     variants = report["variants"]
-    assert set(variants) == {"native-groupnorm", "default"}  # no CUDA: no graph variant
+    assert set(variants) == {"reference", "clip-norm", "default"}  # no CUDA: no graph variant
     assert all(v["ms"] > 0 and v["finite"] for v in variants.values())
-    assert variants["default"]["max_abs_diff"] == 0.0
+    # On the CPU the fast paths are not taken: every variant is the reference computation.
+    assert variants["default"]["max_abs_diff"] == 0.0 and variants["clip-norm"]["max_abs_diff"] == 0.0
     assert report["profile_default"] and all(row["ms"] >= 0 for row in report["profile_default"])

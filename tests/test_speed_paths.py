@@ -67,6 +67,24 @@ def test_unet_switches_every_clip_norm(tiny_mf_repo):
                if isinstance(m, nn.GroupNorm) and ("in_layers" in name or "out_layers" in name))
 
 
+def test_split_geglu_is_the_same_math(tiny_mf_repo):
+    from diffusers_vdm import UNet3DModel
+    from diffusers_vdm.attention import GEGLU
+    from diffusers_vdm.loading import load_module_folder
+
+    geglu = GEGLU(32, 48)
+    x = torch.randn(3, 7, 32)
+    joint = geglu(x)  # CPU: the original's single product
+    assert torch.allclose(geglu.split_forward(x), joint, atol=1e-6, rtol=1e-5)
+    assert geglu.split_forward(x).is_contiguous()
+
+    unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None)
+    gates = [m for m in unet.modules() if isinstance(m, GEGLU)]
+    assert gates and all(m.split for m in gates)
+    unet.set_split_geglu(False)
+    assert not any(m.split for m in gates)
+
+
 def test_timestep_embedding_frequencies_are_cached_and_exact():
     t = torch.tensor([0.0, 1.0, 999.0])
     first = timestep_embedding(t, 320)
