@@ -97,22 +97,18 @@ class CUDAGraphRunner(nn.Module):
         params = list(self.module.parameters())
         return (params[0].data_ptr(), params[-1].data_ptr(), params[0].device) if params else ()
 
-    def reset(self) -> None:
-        """Drop the captured graph (and its memory)."""
-        self._captured = None
-
     def _call(self, inputs: dict[str, Any]) -> torch.Tensor:
         args = [v for k, v in inputs.items() if k.startswith("__arg")]
         kwargs = {k: v for k, v in inputs.items() if not k.startswith("__arg")}
         return self.module(*args, **kwargs)
 
-    def _capture(self, signature: tuple, kwargs: dict[str, Any]) -> Optional[_Captured]:
-        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    def _capture(self, signature: tuple, inputs: dict[str, Any]) -> Optional[_Captured]:
+        tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
         if not tensors or tensors[0].device.type != "cuda":
             self.disabled_reason = "inputs are not on a CUDA device"
             return None
         device = tensors[0].device
-        static = {name: _clone(value) for name, value in kwargs.items()}
+        static = {name: _clone(value) for name, value in inputs.items()}
         try:
             # Warm-up on a side stream (lazy initialisation and autotuning must not be captured).
             stream = torch.cuda.Stream(device)
@@ -131,5 +127,5 @@ class CUDAGraphRunner(nn.Module):
             return None
         graph.replay()  # the capture itself computes nothing
         logger.info("Captured %s as a CUDA graph for inputs %s", type(self.module).__name__,
-                    {k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+                    {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)})
         return _Captured(signature, graph, static, output)

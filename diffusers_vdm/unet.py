@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS, TEMPORAL_WINDOW_TYPES, CrossAttention, SpatialTransformer, TemporalTransformer
+from .attention import (
+    ATTENTION_BACKENDS, GEGLU, TEMPORAL_WINDOW_TYPES, CrossAttention, SpatialTransformer, TemporalTransformer,
+)
 from .embeddings import timestep_embedding
 from .modeling import DeviceDtypeMixin
 from .normalization import ClipGroupNorm
@@ -409,8 +411,6 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
 
     def set_split_geglu(self, enabled: bool = True) -> None:
         """On CUDA, feed-forward gates as two contiguous matrix products (default) or one split in halves."""
-        from .attention import GEGLU
-
         for m in self.modules():
             if isinstance(m, GEGLU):
                 m.split = bool(enabled)
