@@ -23,6 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
+MiB = 1024**2
 
 #: ``high``: every model stays resident; ``normal``: one stage resident (the original's policy);
 #: ``low``: like normal plus sub-model offload, chunked decodes and sliced attention.
@@ -211,7 +212,15 @@ class MemoryManager:
     #: Frames per call of the video VAE decoder's per-frame layers (0 = all at once).
     @property
     def vae_decode_frame_chunk(self) -> int:
-        return 4 if self.vram_mode == "low" else 0
+        return {"low": 2, "normal": 4}.get(self.vram_mode, 0)
+
+    #: Largest band of rows (bytes) for the video VAE decoder's temporal mixing (0 = whole clips).
+    #: With the frame chunks this takes the decoder's activations at the default size (16 frames at
+    #: 448x384) from 4.0 GiB to 2.5 GiB (normal) and 2.3 GiB (low), counted by
+    #: ``benchmarks/activation_memory.py``; the video UNet's sampler then has the job's peak.
+    @property
+    def vae_decode_band_bytes(self) -> int:
+        return {"low": 32 * MiB, "normal": 64 * MiB}.get(self.vram_mode, 0)
 
     #: Batch entries per attention call in the video UNet (0 = all); only where flash kernels are missing.
     @property

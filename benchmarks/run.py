@@ -261,8 +261,11 @@ def run_job(manager, settings: JobSettings, recorder: Recorder) -> dict[str, Any
 # -- optimised vs reference paths ------------------------------------------------------------------
 
 
-def compare_paths(manager, bucket: tuple[int, int], steps: int) -> dict[str, float]:
-    """Max |difference| between optimised and reference code paths on the same inputs and seed."""
+def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_bytes: int) -> dict[str, float]:
+    """Max |difference| between optimised and reference code paths on the same inputs and seed.
+
+    ``decode_band_bytes``: band size for the low-VRAM decode check (the low mode's own at full size).
+    """
     pipe = manager._multi.pipeline
     device, dtype = pipe.unet.device, pipe.unet.dtype
     h, w = bucket
@@ -311,13 +314,22 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int) -> dict[str, flo
         hidden = [rnd(b, c, 2, h >> i, w >> i) for i, c in enumerate(_encoder_channels(pipe))]
         hidden.append(rnd(b, pipe.vae.config["ch"], 2, h, w))
         latents = rnd(b, 4, t, h // 8, w // 8)
-        chunk_before = pipe.vae.decoder.frame_chunk
-        pipe.vae.set_decoder_frame_chunk(0)
-        whole = pipe.decode_latents(latents, hidden)
-        pipe.vae.set_decoder_frame_chunk(4)
-        chunked = pipe.decode_latents(latents, hidden)
-        pipe.vae.set_decoder_frame_chunk(chunk_before)
-        out["vae_decode_frame_chunked_vs_whole_max_abs"] = float((whole.float() - chunked.float()).abs().max())
+        chunk_before, band_before = pipe.vae.decoder.frame_chunk, pipe.vae.decoder.band_bytes
+        try:
+            pipe.vae.set_decoder_frame_chunk(0)
+            pipe.vae.set_decoder_band_bytes(0)
+            whole = pipe.decode_latents(latents, hidden)
+            pipe.vae.set_decoder_frame_chunk(4)
+            chunked = pipe.decode_latents(latents, hidden)
+            pipe.vae.set_decoder_frame_chunk(2)
+            pipe.vae.set_decoder_band_bytes(decode_band_bytes)
+            banded = pipe.decode_latents(latents, hidden)
+        finally:
+            pipe.vae.set_decoder_frame_chunk(chunk_before)
+            pipe.vae.set_decoder_band_bytes(band_before)
+        out["vae_decode_frame_chunked_vs_whole_max_abs"] = max_abs(whole.float(), chunked.float())
+        out["vae_decode_low_vram_bands_vs_whole_max_abs"] = max_abs(whole.float(), banded.float())
+        out["vae_decode_abs_max"] = float(whole.float().abs().max())
     return out
 
 
@@ -326,7 +338,11 @@ def run_compare(shared, settings: JobSettings, tiny: bool) -> dict[str, float]:
     manager.memory.load_models_to_gpu(manager._multi.modules())
     bucket = tuple(int(v) for v in settings.buckets.split(",")[0].split("x"))
     try:
-        return compare_paths(manager, bucket, steps=2 if tiny else 4)
+        # Tiny clips fit in one band: a few KiB per band makes the tiny run exercise the banded path.
+        from memory_management import MemoryManager
+
+        band_bytes = 8 * 1024 if tiny else MemoryManager(manager.memory.device, "low").vae_decode_band_bytes
+        return compare_paths(manager, bucket, steps=2 if tiny else 4, decode_band_bytes=band_bytes)
     finally:
         manager.unload_all()
 
@@ -459,6 +475,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
                                  "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
+                                 "vae_decode_band_bytes": manager.memory.vae_decode_band_bytes,
                                  "unet_attention_batch_chunk": manager.memory.unet_attention_batch_chunk}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

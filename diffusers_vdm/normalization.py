@@ -58,3 +58,60 @@ class ClipGroupNorm(nn.GroupNorm):
         if self.fast and x.is_cuda and x.dim() == 5:
             return wide_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
+
+
+# -- group statistics gathered piece by piece --------------------------------------------------------
+#
+# A group norm over a whole clip needs statistics of the whole clip before any value can be
+# normalised. To normalise a clip that is processed one spatial tile at a time, the statistics are
+# gathered tile by tile and merged (Chan et al.'s pairwise update, numerically stable), then applied
+# to each tile. Everything is accumulated in float32, as PyTorch's own group norm does.
+
+
+GroupMoments = tuple[torch.Tensor, torch.Tensor, int]  # mean, sum of squared deviations, count
+
+
+def group_moments(x: torch.Tensor, num_groups: int) -> GroupMoments:
+    """Float32 mean and sum of squared deviations of each (batch entry, group) of ``x`` ``(b, c, ...)``."""
+    b = x.shape[0]
+    grouped = x.to(torch.float32).contiguous().view(b, num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+    count = grouped.shape[-1]
+    return mean, var * count, count
+
+
+def merge_group_moments(a: Optional[GroupMoments], b: GroupMoments) -> GroupMoments:
+    """Moments of the union of two disjoint parts of every group."""
+    if a is None:
+        return b
+    mean_a, m2_a, n_a = a
+    mean_b, m2_b, n_b = b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n), n
+
+
+def normalize_with_moments(
+    x: torch.Tensor,
+    moments: GroupMoments,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per group, computed in float32, in ``x``'s dtype.
+
+    ``x`` may be any part of the tensor the moments were gathered from that keeps whole channels
+    (a spatial tile): the result equals that part of the group norm of the whole tensor.
+    """
+    mean, m2, count = moments
+    b, c = x.shape[:2]
+    num_groups = mean.shape[1]
+    rstd = torch.rsqrt(m2 / count + eps)
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # the only temporary
+    y.view(b, num_groups, -1).sub_(mean[..., None]).mul_(rstd[..., None])
+    channel_shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y.mul_(weight.to(torch.float32).view(channel_shape))
+    if bias is not None:
+        y.add_(bias.to(torch.float32).view(channel_shape))
+    return y.to(x.dtype)

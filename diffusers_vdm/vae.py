@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling import DeviceDtypeMixin
+from .normalization import GroupMoments, group_moments, merge_group_moments, normalize_with_moments
 from .unet import Upsample, conv_nd, normalization
 
 
@@ -42,6 +43,12 @@ def per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk
     for start in range(chunk, n, chunk):
         out[start:start + chunk] = fn(x[start:start + chunk])
     return out
+
+
+def row_bands(rows: int, row_bytes: int, budget_bytes: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into consecutive bands of at most ``budget_bytes`` (and at least one row) each."""
+    per_band = max(1, budget_bytes // max(1, row_bytes))
+    return [(start, min(start + per_band, rows)) for start in range(0, rows, per_band)]
 
 
 class DiagonalGaussianDistribution:
@@ -303,6 +310,49 @@ class TimeStackBlock(nn.Module):
         h = self.out_layers[3](self.out_layers[2](F.silu(self.out_layers[0](h), inplace=True)))
         return h.add_(self.skip_connection(x))
 
+    def mixes_only_time(self) -> bool:
+        """True when every convolution has a ``(k, 1, 1)`` kernel: each pixel's output then depends
+        only on that pixel's values over time (and on the clip-wide norm statistics)."""
+        convs = [self.in_layers[2], self.out_layers[3]]
+        if not isinstance(self.skip_connection, nn.Identity):
+            convs.append(self.skip_connection)
+        return all(
+            isinstance(conv, nn.Conv3d) and conv.kernel_size[1:] == (1, 1) and conv.stride == (1, 1, 1)
+            and tuple(conv.padding[1:]) == (0, 0) and conv.groups == 1
+            for conv in convs
+        )
+
+    def blend_in_bands(self, x5: torch.Tensor, alpha: torch.Tensor, band_bytes: int) -> None:
+        """Overwrite ``x5`` ``(b, c, t, h, w)`` with ``alpha * self(x5) + (1 - alpha) * x5``, band by band.
+
+        Same math as :meth:`forward` followed by the blend, for ``mixes_only_time`` blocks, but no
+        whole-clip temporary is ever allocated: the two norms' clip-wide statistics are gathered band
+        by band first (the first conv is recomputed rather than stored), then each band of rows is
+        normalised, mixed over time and written back in place. ``band_bytes`` bounds one band.
+        """
+        norm_in, conv_in = self.in_layers[0], self.in_layers[2]
+        norm_out, dropout, conv_out = self.out_layers[0], self.out_layers[2], self.out_layers[3]
+        row_bytes = x5[..., :1, :].numel() * x5.element_size()
+        bands = [x5[..., start:stop, :] for start, stop in row_bands(x5.shape[-2], row_bytes, band_bytes)]
+
+        def moments(parts, num_groups: int) -> GroupMoments:
+            total = None
+            for part in parts:
+                total = merge_group_moments(total, group_moments(part, num_groups))
+            return total
+
+        moments_in = moments(bands, norm_in.num_groups)
+
+        def first_conv(band: torch.Tensor) -> torch.Tensor:
+            normed = normalize_with_moments(band, moments_in, norm_in.weight, norm_in.bias, norm_in.eps)
+            return conv_in(F.silu(normed, inplace=True))
+
+        moments_out = moments((first_conv(band) for band in bands), norm_out.num_groups)
+        for band in bands:
+            normed = normalize_with_moments(first_conv(band), moments_out, norm_out.weight, norm_out.bias, norm_out.eps)
+            mixed = conv_out(dropout(F.silu(normed, inplace=True))).add_(self.skip_connection(band))
+            band.copy_(mixed.mul_(alpha).add_((1.0 - alpha) * band))
+
 
 class VideoResBlock(ResnetBlock):
     """Per-frame ResnetBlock, then a temporal block blended in with a learned ``sigmoid(mix_factor)``."""
@@ -325,19 +375,26 @@ class VideoResBlock(ResnetBlock):
         return self.mix_factor if self.merge_strategy == "fixed" else torch.sigmoid(self.mix_factor)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None, timesteps: Optional[int] = None,
-                skip_video: bool = False, frame_chunk: int = 0) -> torch.Tensor:
+                skip_video: bool = False, frame_chunk: int = 0, band_bytes: int = 0) -> torch.Tensor:
         """``x``: ``((b t), c, h, w)``; ``timesteps`` is the number of frames per clip.
 
         The per-frame part runs ``frame_chunk`` frames at a time (0 = all); the temporal part always
-        sees the whole clip (its group norm takes statistics over all frames).
+        sees the whole clip (its group norm takes statistics over all frames). With ``band_bytes``
+        the temporal part works on bands of rows of at most that size, in place (see
+        :meth:`TimeStackBlock.blend_in_bands`).
         """
         x = per_frame(lambda f: ResnetBlock.forward(self, f, temb), x, frame_chunk)
         if skip_video:
             return x
         bt, c, h, w = x.shape
         x5 = x.view(bt // timesteps, timesteps, c, h, w).transpose(1, 2)
-        mixed = self.time_stack(x5)
         alpha = self.get_alpha()
+        whole_clip_fits_one_band = x5.numel() * x5.element_size() <= band_bytes
+        if band_bytes and not whole_clip_fits_one_band and self.time_stack.mixes_only_time():
+            # ``x`` is this block's own fresh output, so it can take the result in place.
+            self.time_stack.blend_in_bands(x5, alpha, band_bytes)
+            return x
+        mixed = self.time_stack(x5)
         # alpha * mixed + (1 - alpha) * x5, with the same roundings, reusing ``mixed``'s buffer.
         out = mixed.mul_(alpha).add_((1.0 - alpha) * x5)
         return out.transpose(1, 2).reshape(bt, c, h, w)
@@ -377,6 +434,8 @@ class VideoDecoder(nn.Module):
         self.resolution = resolution
         #: Frames per call of the per-frame layers (0 = all); exact, lowers the decoder's peak memory.
         self.frame_chunk = 0
+        #: Largest band of rows (bytes) for the temporal mixing of the video blocks (0 = whole clips).
+        self.band_bytes = 0
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
         self.attn_level = list(attn_level)
@@ -428,13 +487,13 @@ class VideoDecoder(nn.Module):
             timesteps = z.shape[0]
         chunk = self.frame_chunk
         h = self.conv_in(z)
-        h = self.mid.block_1(h, timesteps=timesteps, frame_chunk=chunk)
+        h = self.mid.block_1(h, timesteps=timesteps, frame_chunk=chunk, band_bytes=self.band_bytes)
         h = per_frame(self.mid.attn_1, h, chunk)
-        h = self.mid.block_2(h, timesteps=timesteps, frame_chunk=chunk)
+        h = self.mid.block_2(h, timesteps=timesteps, frame_chunk=chunk, band_bytes=self.band_bytes)
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):
-                h = block(h, timesteps=timesteps, frame_chunk=chunk)
+                h = block(h, timesteps=timesteps, frame_chunk=chunk, band_bytes=self.band_bytes)
                 if len(up.attn) > 0:
                     h = per_frame(up.attn[i_block], h, chunk)
             if ref_context:
@@ -499,3 +558,11 @@ class VideoAutoencoderKL(DeviceDtypeMixin, nn.Module):
         for m in self.decoder.modules():
             if isinstance(m, AttentionCombiner):
                 m.frame_chunk = int(frames)
+
+    def set_decoder_band_bytes(self, band_bytes: int) -> None:
+        """Run the decoder's temporal mixing on bands of rows of at most ``band_bytes`` (0 = whole clips).
+
+        Same math (clip-wide norm statistics are gathered band by band); no temporary of the size of
+        a whole clip at full resolution, where the decoder otherwise holds several at once.
+        """
+        self.decoder.band_bytes = int(band_bytes)

@@ -314,6 +314,7 @@ class ModelManager:
     def apply_memory_settings(self, pipeline) -> None:
         """VRAM-mode switches of the video model that change memory, never results."""
         pipeline.vae.set_decoder_frame_chunk(self.memory.vae_decode_frame_chunk)
+        pipeline.vae.set_decoder_band_bytes(self.memory.vae_decode_band_bytes)
         pipeline.unet.set_attention_batch_chunk(self.memory.unet_attention_batch_chunk)
         pipeline.set_cuda_graphs(self.use_cuda_graphs)
 

@@ -24,12 +24,15 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     assert set(report["dtypes"]) >= {"sf_unet", "mf_unet", "sf_vae"}
     high, low = report["modes"]["high"], report["modes"]["low"]
     assert high["job"] == {"keyframes": 4, "video_frames": 45, "video_size": [112, 96], "finite": True}
-    assert low["job"]["video_frames"] == 15 and low["vae_decode_frame_chunk"] == 4
+    assert low["job"]["video_frames"] == 15 and low["vae_decode_frame_chunk"] == 2
     for stage in ("keyframes", "keyframes.sampler", "video", "video.sampler", "video.vae_decode"):
         assert high["stages"][stage]["seconds"] > 0 and high["stages"][stage]["calls"] >= 1
     # Optimised paths agree with the reference paths (fp32 on CPU: float noise only).
     assert report["compare"]["video_latents_batched_cfg_vs_two_passes_max_abs"] < 1e-3
     assert report["compare"]["vae_decode_frame_chunked_vs_whole_max_abs"] < 1e-5
+    assert report["compare"]["vae_decode_low_vram_bands_vs_whole_max_abs"] < 1e-4
+    assert report["compare"]["vae_decode_abs_max"] > 0.01
+    assert low["vae_decode_band_bytes"] == 32 * 2**20
     # The fast clip-norm and split-gate kernels are CUDA-only: on the CPU both settings run the same code.
     assert report["compare"]["video_latents_fast_kernels_vs_reference_kernels_max_abs"] == 0.0
     assert high["cuda_graphs"] is False and "cuda_graph_error" not in high
@@ -49,3 +52,52 @@ def test_tiny_unet_variant_timer(tmp_path):
     # On the CPU the fast paths are not taken: every variant is the reference computation.
     assert variants["default"]["max_abs_diff"] == 0.0 and variants["clip-norm"]["max_abs_diff"] == 0.0
     assert report["profile_default"] and all(row["ms"] >= 0 for row in report["profile_default"])
+
+
+def _activation_memory():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import activation_memory
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return activation_memory
+
+
+def test_live_tensor_bytes_counts_storages_once_and_frees_them():
+    import torch
+
+    tracker_cls = _activation_memory().LiveTensorBytes
+    with tracker_cls() as tracker:
+        a = torch.zeros(1024, dtype=torch.float32)  # 4 KiB
+        view = a[:10].view(2, 5)  # shares a's storage: not counted again
+        b = a + 1  # 4 KiB more
+        assert tracker.live == 8192
+        del a, b
+        assert tracker.live == 4096  # the view keeps a's storage alive
+        del view
+        assert tracker.live == 0
+    assert tracker.peak == 8192
+
+
+def test_banded_decode_lowers_the_counted_peak():
+    """On the meta device (no compute): the decoder's temporal mixing in bands with frame chunks needs
+    about half the activation memory of whole clips (the full-size numbers are in benchmarks/README.md)."""
+    am = _activation_memory()
+    config = json.loads((ROOT / "benchmarks" / "configs" / "tiny.json").read_text())["mf_vae"]
+    whole = am.decoder_peak(config, frames=16, height=96, width=112, frame_chunk=0, band_bytes=0)
+    banded = am.decoder_peak(config, frames=16, height=96, width=112, frame_chunk=2, band_bytes=8192)
+    assert whole > 0 and banded < 0.6 * whole
+
+
+def test_activation_memory_report(tmp_path):
+    out = tmp_path / "activation.json"
+    result = subprocess.run([sys.executable, "benchmarks/activation_memory.py", "--tiny", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["tiny"] is True and report["frames"] == 16
+    decoder = report["decoder"]
+    assert len(decoder) == 4 and all(v > 0 for v in decoder.values())
+    steps = report["unet_step"]
+    both, one = steps["both guidance branches (high, normal)"], steps["one branch at a time (low)"]
+    assert 0 < one < both

@@ -29,6 +29,7 @@ from diffusers_vdm import (
     UNet3DModel,
     VideoAutoencoderKL,
 )
+from diffusers_vdm.vae import TimeStackBlock
 from diffusers_vdm.dynamic_tsnr_sampler import ddim_direction_scale, ddim_sigmas, uniform_trailing_timesteps
 from diffusers_vdm.loading import IncompatibleCheckpointError, ModelFilesNotFoundError
 
@@ -198,6 +199,26 @@ def test_mf_vae_decoder_frame_chunking_is_exact(pipe):
     finally:
         pipe.vae.set_decoder_frame_chunk(0)
     assert_close(chunked, t["decoded"], case["tolerance"], "mf_vae/decoded_chunked3")
+
+
+@pytest.mark.parametrize("band_bytes", [1, 3000])
+def test_mf_vae_decoder_temporal_bands_match_the_original(pipe, band_bytes):
+    """Low-VRAM decoding: temporal mixing band by band (clip-wide norm statistics merged across
+    bands), together with frame chunks; 1 byte forces one row per band."""
+    case, t = load_case("mf_vae")
+    hidden = [t[f"hidden_state_{i}"] for i in range(5)]
+    blocks = [m for m in pipe.vae.decoder.modules() if isinstance(m, TimeStackBlock)]
+    assert blocks and all(block.mixes_only_time() for block in blocks)
+    try:
+        pipe.vae.set_decoder_frame_chunk(2)
+        pipe.vae.set_decoder_band_bytes(band_bytes)
+        banded = pipe.decode_latents(t["latents"], hidden)
+    finally:
+        pipe.vae.set_decoder_frame_chunk(0)
+        pipe.vae.set_decoder_band_bytes(0)
+    assert_close(banded, t["decoded"], case["tolerance"], f"mf_vae/decoded_bands{band_bytes}")
+    whole = pipe.decode_latents(t["latents"], hidden)
+    assert (banded - whole).abs().max().item() < 1e-5
 
 
 def test_mf_image_encoder_golden(pipe):

@@ -168,3 +168,84 @@ def test_cli_and_app_accept_the_cuda_graph_flags():
     assert parser.parse_args(["x.png"]).cuda_graphs is False
     assert gradio_app.parse_args(["--cuda-graphs"]).cuda_graphs is True
     assert gradio_app.parse_args([]).cuda_graphs is False
+
+
+# -- low-VRAM video decoding: temporal mixing band by band -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_moments_merged_over_bands_equal_the_whole(dtype):
+    from diffusers_vdm.normalization import group_moments, merge_group_moments, normalize_with_moments
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 4, 7, 5, generator=g, dtype=dtype) * 5.0 + 40.0  # offset: a careless variance loses digits
+    clip = x.transpose(1, 2).contiguous().transpose(1, 2)  # the decoder's non-contiguous (b, c, t, h, w) view
+    merged = None
+    for start, stop in ((0, 3), (3, 4), (4, 7)):  # uneven bands of rows
+        merged = merge_group_moments(merged, group_moments(clip[..., start:stop, :], 4))
+    mean, m2, count = merged
+    var, expected_mean = torch.var_mean(x.double().reshape(2, 4, -1), dim=-1, correction=0)
+    assert count == x[0, :2].numel()
+    assert torch.allclose(mean.double(), expected_mean, rtol=0, atol=1e-5)
+    assert torch.allclose((m2 / count).double(), var, rtol=1e-5, atol=0)
+
+    weight, bias = torch.randn(8, generator=g, dtype=dtype), torch.randn(8, generator=g, dtype=dtype)
+    expected = F.group_norm(x, 4, weight, bias, 1e-6)
+    band = normalize_with_moments(clip[..., 3:6, :], merged, weight, bias, 1e-6)
+    assert band.dtype == dtype
+    assert (band - expected[..., 3:6, :]).abs().max().item() < 1e-4
+    assert torch.equal(clip, x)  # the input is left alone
+
+
+def test_row_bands_cover_every_row_within_the_budget():
+    from diffusers_vdm.vae import row_bands
+
+    assert row_bands(10, row_bytes=100, budget_bytes=300) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert row_bands(4, row_bytes=100, budget_bytes=1) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # at least a row
+    assert row_bands(4, row_bytes=100, budget_bytes=10_000) == [(0, 4)]
+
+
+def _video_res_block(kernel=(3, 1, 1)):
+    from diffusers_vdm.vae import VideoResBlock
+
+    torch.manual_seed(0)
+    block = VideoResBlock(in_channels=32, out_channels=32, temb_channels=0, dropout=0.0, video_kernel_size=list(kernel))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+    return block.eval()
+
+
+def test_video_block_in_bands_matches_whole_clips():
+    block = _video_res_block()
+    assert block.time_stack.mixes_only_time()
+    x = torch.randn(2 * 5, 32, 9, 6) * 3.0 + 1.0
+    with torch.inference_mode():
+        whole = block(x.clone(), timesteps=5)
+        clip_bytes = x[:5].numel() * x.element_size()
+        row_bytes = clip_bytes // 9
+        banded = block(x.clone(), timesteps=5, band_bytes=2 * row_bytes)  # 5 bands of <= 2 rows
+        also_chunked = block(x.clone(), timesteps=5, frame_chunk=3, band_bytes=row_bytes)
+    assert (banded - whole).abs().max().item() < 1e-4
+    assert (also_chunked - whole).abs().max().item() < 1e-4
+    assert whole.abs().max().item() > 1.0  # not trivially zero
+
+
+def test_video_block_with_spatial_kernels_ignores_bands():
+    """A temporal kernel that also spans pixels cannot be split into bands of rows: whole clips."""
+    block = _video_res_block(kernel=(3, 3, 3))
+    assert not block.time_stack.mixes_only_time()
+    x = torch.randn(4, 32, 6, 5)
+    with torch.inference_mode():
+        assert torch.equal(block(x.clone(), timesteps=4, band_bytes=64), block(x.clone(), timesteps=4))
+
+
+def test_vram_modes_set_the_decoder_memory_switches(tiny_mf_repo, fake_cuda):
+    from diffusers_vdm import LatentVideoDiffusionPipeline
+    from paints_undo.models import ModelManager
+
+    pipe = LatentVideoDiffusionPipeline.from_pretrained(tiny_mf_repo)
+    expected = {"high": (0, 0), "normal": (4, 64 * 2**20), "low": (2, 32 * 2**20)}
+    for mode, (chunk, band) in expected.items():
+        ModelManager(device="cuda", vram_mode=mode).apply_memory_settings(pipe)
+        assert (pipe.vae.decoder.frame_chunk, pipe.vae.decoder.band_bytes) == (chunk, band), mode

@@ -1,0 +1,165 @@
+"""Peak activation memory of the video VAE decode and of one video-UNet step, without a GPU.
+
+The full-size models are built on PyTorch's ``meta`` device: every operator computes only the
+shapes of its outputs, so a whole decode at the default job's size (16 frames at 448x384) takes a
+second on any machine. :class:`LiveTensorBytes` watches every tensor the operators create and
+counts the bytes of storage alive at each moment; the peak is the largest amount of activation
+memory the computation needs at once.
+
+What this leaves out, compared with ``torch.cuda.max_memory_allocated`` in ``run.py``: the weights
+and the inputs (allocated before the call), the caching allocator's rounding and fragmentation, and
+kernel workspaces (cuDNN's). It is a device-independent floor of a stage's peak, for comparing
+settings with each other and for reasoning about a GPU run, not a replacement for one.
+
+    python benchmarks/activation_memory.py                # full size, every VRAM mode's settings
+    python benchmarks/activation_memory.py --tiny --out activation_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("activation_memory")
+
+GiB = 1024**3
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the storage bytes of tensors created inside the mode that are still alive.
+
+    Views share their base's storage and are counted once; a storage stops counting when its last
+    tensor is freed. ``peak`` is the most that was alive at once, ``live`` what is alive now.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: dict[int, int] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._tracked.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            storage = value.untyped_storage()
+            key = id(storage)
+            if key in self._tracked:
+                continue
+            nbytes = storage.nbytes()
+            self._tracked[key] = nbytes
+            self.live += nbytes
+            weakref.finalize(storage, self._release, key, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak live bytes of the tensors ``fn`` creates (its result included while it is alive)."""
+    with torch.inference_mode(), LiveTensorBytes() as tracker:
+        result = fn()
+        del result
+    return tracker.peak
+
+
+# -- the two largest stages ---------------------------------------------------------------------------
+
+
+def decoder_peak(vae_config: dict, frames: int, height: int, width: int, frame_chunk: int, band_bytes: int,
+                 dtype: torch.dtype = torch.float16) -> int:
+    """Activation peak of one clip's video-VAE decode (``height`` x ``width`` pixels), on ``meta``."""
+    from diffusers_vdm import VideoAutoencoderKL
+
+    with torch.device("meta"):
+        vae = VideoAutoencoderKL(**vae_config).to(dtype).eval().requires_grad_(False)
+        vae.set_decoder_frame_chunk(frame_chunk)
+        vae.set_decoder_band_bytes(band_bytes)
+        ch, mults = vae_config["ch"], vae_config["ch_mult"]
+        h, w = height // 8, width // 8
+        latents = torch.empty(frames, vae_config["z_channels"], h, w, dtype=dtype)
+        # The encoder's features of the first and last frame, one per level, then the full-size one.
+        scale = 2 ** (len(mults) - 1)
+        reference = [torch.empty(1, ch * m, 2, h * scale >> i, w * scale >> i, dtype=dtype) for i, m in enumerate(mults)]
+        reference.append(torch.empty(1, ch, 2, height, width, dtype=dtype))
+        return peak_bytes(lambda: vae.decode(latents, ref_context=reference, timesteps=frames))
+
+
+def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, width: int,
+                   dtype: torch.dtype = torch.float16) -> int:
+    """Activation peak of one video-UNet call on ``batch`` clips (2 = both guidance branches at once)."""
+    from diffusers_vdm import UNet3DModel
+
+    with torch.device("meta"):
+        unet = UNet3DModel(**unet_config).to(dtype).eval().requires_grad_(False)
+        h, w = height // 8, width // 8
+        ctx = unet_config["context_dim"]
+        latent_channels = unet_config["out_channels"]
+        x = torch.empty(batch, latent_channels, frames, h, w, dtype=dtype)
+        concat = torch.empty(batch, unet_config["in_channels"] - latent_channels, frames, h, w, dtype=dtype)
+        timesteps = torch.full((batch,), 500, dtype=torch.long)
+        text = torch.empty(batch, 77, ctx, dtype=dtype)
+        image = torch.empty(batch, frames, 16, ctx, dtype=dtype)
+        fs = torch.full((batch,), 3, dtype=torch.long)
+        return peak_bytes(lambda: unet(x, timesteps, context_text=text, context_img=image, concat_cond=concat, fs=fs))
+
+
+def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> dict[str, Any]:
+    from memory_management import MemoryManager
+
+    report: dict[str, Any] = {"frames": frames, "size": [width, height], "dtype": "float16", "decoder": {}, "unet_step": {}}
+    report["decoder"]["whole clips (reference)"] = decoder_peak(configs["mf_vae"], frames, height, width, 0, 0) / GiB
+    for mode in ("high", "normal", "low"):
+        memory = MemoryManager(device=torch.device("cpu"), vram_mode=mode)
+        chunk, band = memory.vae_decode_frame_chunk, memory.vae_decode_band_bytes
+        peak = decoder_peak(configs["mf_vae"], frames, height, width, chunk, band)
+        report["decoder"][f"{mode} (frame chunk {chunk}, bands {band // 2**20} MiB)"] = peak / GiB
+    for label, batch in (("both guidance branches (high, normal)", 2), ("one branch at a time (low)", 1)):
+        report["unet_step"][label] = unet_step_peak(configs["mf_unet"], batch, frames, height, width) / GiB
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny configs and a small clip (CI smoke test)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", default="448x384", help="WIDTHxHEIGHT of the decoded frames")
+    parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    configs = json.loads((HERE / "configs" / ("tiny.json" if args.tiny else "full.json")).read_text())
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    if args.tiny:
+        width, height = 112, 96
+    report = measure(configs, args.frames, height, width)
+    report["tiny"] = args.tiny
+    report["torch"] = torch.__version__
+    for stage in ("decoder", "unet_step"):
+        for label, gib in report[stage].items():
+            logger.info("%-10s %-48s %.3f GiB", stage, label, gib)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
