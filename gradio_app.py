@@ -310,7 +310,10 @@ def make_handlers(services: Services) -> dict[str, Callable]:
                 preview = services.results_dir / f"{stem}_preview{len(segments)}.mp4"
                 export.write_mp4(partial, preview, fps=fps)
                 previews.append(preview)
-                yield str(preview), [(f, None) for f in partial], None
+                # The frame gallery is filled once, at the end: Gradio rewrites the cached image of
+                # every frame it is given again (in place, not atomically), so re-sending earlier
+                # frames with each preview races with the browser still fetching them.
+                yield str(preview), gr.skip(), None
         frames = assemble_video(segments)
         settings = dict(prompt=prompt, steps=int(steps), cfg=float(cfg), seed=int(seed), fps=fps,
                         buckets=[list(b) for b in services.buckets], keyframes=len(sources),
