@@ -222,6 +222,13 @@ class MemoryManager:
     def vae_decode_band_bytes(self) -> int:
         return {"low": 32 * MiB, "normal": 64 * MiB}.get(self.vram_mode, 0)
 
+    #: Decode keyframes one at a time: the single-frame VAE decoder's activations scale with the batch
+    #: (6 keyframes at 512x640 in bf16: 2.8 GiB at once, 0.5 GiB one by one, counted by
+    #: ``benchmarks/activation_memory.py``), for a few milliseconds more.
+    @property
+    def keyframe_decode_one_at_a_time(self) -> bool:
+        return self.vram_mode != "high"
+
     #: Batch entries per attention call in the video UNet (0 = all); only where flash kernels are missing.
     @property
     def unet_attention_batch_chunk(self) -> int:

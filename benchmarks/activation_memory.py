@@ -1,4 +1,4 @@
-"""Peak activation memory of the video VAE decode and of one video-UNet step, without a GPU.
+"""Peak activation memory of the VAE decodes and of one video-UNet step, without a GPU.
 
 The full-size models are built on PyTorch's ``meta`` device: every operator computes only the
 shapes of its outputs, so a whole decode at the default job's size (16 frames at 448x384) takes a
@@ -103,6 +103,20 @@ def decoder_peak(vae_config: dict, frames: int, height: int, width: int, frame_c
         return peak_bytes(lambda: vae.decode(latents, ref_context=reference, timesteps=frames))
 
 
+def keyframe_decode_peak(vae_config: dict, keyframes: int, height: int, width: int, one_at_a_time: bool,
+                         dtype: torch.dtype = torch.bfloat16) -> int:
+    """Activation peak of decoding ``keyframes`` single-frame latents (the original's bf16 VAE), on ``meta``."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config).eval().requires_grad_(False)
+        vae = vae.to(dtype)
+        latents = torch.empty(keyframes, vae_config["latent_channels"], height // 8, width // 8, dtype=dtype)
+        if one_at_a_time:
+            return peak_bytes(lambda: torch.cat([vae.decode(z[None]).sample for z in latents]))
+        return peak_bytes(lambda: vae.decode(latents).sample)
+
+
 def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, width: int,
                    dtype: torch.dtype = torch.float16) -> int:
     """Activation peak of one video-UNet call on ``batch`` clips (2 = both guidance branches at once)."""
@@ -125,7 +139,8 @@ def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, widt
 def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> dict[str, Any]:
     from memory_management import MemoryManager
 
-    report: dict[str, Any] = {"frames": frames, "size": [width, height], "dtype": "float16", "decoder": {}, "unet_step": {}}
+    report: dict[str, Any] = {"frames": frames, "size": [width, height], "dtypes": {"decoder": "float16", "unet_step": "float16", "keyframe_decode": "bfloat16"}, "decoder": {},
+                              "unet_step": {}, "keyframe_decode": {}}
     report["decoder"]["whole clips (reference)"] = decoder_peak(configs["mf_vae"], frames, height, width, 0, 0) / GiB
     for mode in ("high", "normal", "low"):
         memory = MemoryManager(device=torch.device("cpu"), vram_mode=mode)
@@ -134,6 +149,11 @@ def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> d
         report["decoder"][f"{mode} (frame chunk {chunk}, bands {band // 2**20} MiB)"] = peak / GiB
     for label, batch in (("both guidance branches (high, normal)", 2), ("one branch at a time (low)", 1)):
         report["unet_step"][label] = unet_step_peak(configs["mf_unet"], batch, frames, height, width) / GiB
+    # The default job's keyframe stage: 6 keyframes at 512x640 (bf16, as the original), scaled with --tiny.
+    kf_height, kf_width = (640, 512) if height >= 256 else (height, width)
+    for label, one in (("all at once (high)", False), ("one at a time (normal, low)", True)):
+        peak = keyframe_decode_peak(configs["sf_vae"], 6, kf_height, kf_width, one)
+        report["keyframe_decode"][label] = peak / GiB
     return report
 
 
@@ -145,6 +165,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its dtype advice on casting concerns loading weights, not this count
 
     configs = json.loads((HERE / "configs" / ("tiny.json" if args.tiny else "full.json")).read_text())
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -153,9 +176,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = measure(configs, args.frames, height, width)
     report["tiny"] = args.tiny
     report["torch"] = torch.__version__
-    for stage in ("decoder", "unet_step"):
+    for stage in ("decoder", "unet_step", "keyframe_decode"):
         for label, gib in report[stage].items():
-            logger.info("%-10s %-48s %.3f GiB", stage, label, gib)
+            logger.info("%-15s %-42s %.3f GiB", stage, label, gib)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -127,8 +127,7 @@ def generate_keyframes(
 
         memory.load_models_to_gpu(vae)
         latents = latents.to(vae.device)
-        if memory.vram_mode == "low":
-            # One keyframe at a time: the decoder's peak memory scales with the batch.
+        if memory.keyframe_decode_one_at_a_time:
             pixels = torch.cat([vae.decode(latent[None]).sample for latent in latents])
         else:
             pixels = vae.decode(latents).sample

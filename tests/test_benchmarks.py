@@ -101,3 +101,5 @@ def test_activation_memory_report(tmp_path):
     steps = report["unet_step"]
     both, one = steps["both guidance branches (high, normal)"], steps["one branch at a time (low)"]
     assert 0 < one < both
+    keyframes = report["keyframe_decode"]
+    assert 0 < keyframes["one at a time (normal, low)"] < keyframes["all at once (high)"]
