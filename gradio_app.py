@@ -87,7 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     vram.add_argument("--high-vram", dest="vram_mode", action="store_const", const="high")
     vram.add_argument("--low-vram", dest="vram_mode", action="store_const", const="low")
     p.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in low-VRAM mode)")
+                   help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in low-VRAM "
+                        "mode below 7 GiB free)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (faster after a slow first run)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "

@@ -32,6 +32,11 @@ VRAM_MODES = ("high", "normal", "low")
 #: Free-memory thresholds used by ``decide_vram_mode`` when no mode is forced.
 HIGH_VRAM_MIN_FREE = 22 * GiB
 NORMAL_VRAM_MIN_FREE = 10 * GiB
+#: In ``low`` mode both guidance branches still run as one batch when this much is free: with the
+#: video UNet alone resident, a batched sampler step peaks at about 5.1 GiB reserved (measured in
+#: ``normal`` mode, whose sampler stage is the same), so 8 GB cards keep the faster single call and
+#: smaller cards run the branches one after the other (4.1 GiB).
+LOW_VRAM_BATCH_CFG_MIN_FREE = 7 * GiB
 
 # Runtime dtypes of the original on CUDA. Keys are component roles used across the project.
 _CUDA_DTYPES = {
@@ -174,6 +179,8 @@ class MemoryManager:
     device: torch.device
     vram_mode: str = "normal"
     offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Free bytes on the device when the manager was created (0 when unknown).
+    free_at_start: int = 0
     _resident: list = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -194,7 +201,7 @@ class MemoryManager:
             "forced" if vram_mode else "chosen from free memory",
             free / GiB,
         )
-        return cls(device=dev, vram_mode=mode)
+        return cls(device=dev, vram_mode=mode, free_at_start=free)
 
     @property
     def high_vram(self) -> bool:
@@ -205,9 +212,12 @@ class MemoryManager:
 
     @property
     def batch_cfg_default(self) -> bool:
-        """Run both guidance branches as one batch: faster on accelerators, not worth the memory in low mode
-        and kept off on CPU (where the golden tests compare against the original's two calls)."""
-        return self.device.type != "cpu" and self.vram_mode != "low"
+        """Run both guidance branches as one batch: faster on accelerators; in low mode only with
+        ``LOW_VRAM_BATCH_CFG_MIN_FREE`` free; kept off on CPU (where the golden tests compare against the
+        original's two calls)."""
+        if self.device.type == "cpu":
+            return False
+        return self.vram_mode != "low" or self.free_at_start >= LOW_VRAM_BATCH_CFG_MIN_FREE
 
     #: Frames per call of the video VAE decoder's per-frame layers (0 = all at once).
     @property

@@ -381,8 +381,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs, few steps (CPU smoke test)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="high,normal,low",
-                        help="comma list of high/normal/low, optionally with '-compile' and/or '-graphs' "
-                             "(e.g. high-compile, high-graphs)")
+                        help="comma list of high/normal/low, optionally with '-compile', '-graphs' and/or "
+                             "'-twopass' (guidance branches as two UNet calls; e.g. high-compile, low-twopass)")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -459,7 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             shared.compile = True
             for unet in (shared._single.unet, shared._multi.pipeline.unet):
                 unet.compile()
-        manager = with_mode(shared, vram_mode, batch_cfg=False if args.no_batch_cfg else None,
+        two_passes = args.no_batch_cfg or "twopass" in variants
+        manager = with_mode(shared, vram_mode, batch_cfg=False if two_passes else None,
                             cuda_graphs="graphs" in variants)
         mode_settings = JobSettings(**{**settings.__dict__})
         if index > 0 and args.other_modes_segments:

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     vram.add_argument("--low-vram", dest="vram_mode", action="store_const", const="low")
     g.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in "
-                        "low-VRAM mode; --no-batch-cfg reproduces the original's two calls exactly)")
+                        "low-VRAM mode below 7 GiB free; --no-batch-cfg reproduces the original's two calls exactly)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNets (about 1.3x faster video sampling on an H100 after ~3 minutes of warm-up)")
     g.add_argument("--cuda-graphs", action="store_true",

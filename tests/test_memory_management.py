@@ -82,6 +82,18 @@ def test_vram_mode_from_free_memory(fake_cuda, free_gib, mode):
     assert mm.decide_vram_mode(torch.device("cuda")) == mode
 
 
+@pytest.mark.parametrize("free_gib, mode, batched", [(40, "high", True), (12, "normal", True), (8, "low", True),
+                                                     (6, "low", False), (3, "low", False)])
+def test_guidance_branches_are_batched_where_memory_allows(fake_cuda, free_gib, mode, batched):
+    fake_cuda["free"] = free_gib * GiB
+    manager = mm.MemoryManager.create()
+    assert (manager.vram_mode, manager.batch_cfg_default) == (mode, batched)
+    # A forced low mode on a large GPU keeps the single call: the 6 GiB budget holds either way.
+    fake_cuda["free"] = 40 * GiB
+    assert mm.MemoryManager.create(vram_mode="low").batch_cfg_default
+    assert not mm.MemoryManager.create(device="cpu").batch_cfg_default
+
+
 def test_forced_vram_mode_and_cpu_default(fake_cuda):
     fake_cuda["free"] = 1 * GiB
     assert mm.decide_vram_mode(torch.device("cuda"), "high") == "high"
