@@ -3,7 +3,7 @@
 #   1. the whole default job in high mode (+ --compare), then one segment in normal and in low mode,
 #      low both batched (>= 7 GiB free) and as two passes (smaller cards); their memory peaks
 #      (banded video decode, one-by-one keyframe decode)                   -> job.json
-#   2. video-UNet step variants with a kernel profile                     -> unet_variants.json
+#   2. video-UNet step variants with a kernel profile, and regional compilation -> unet_variants.json
 #   3. if time is left: high mode with torch.compile, one segment          -> job_compile.json
 # The device image lacks diffusers: carry its wheel in .whl (see the device tool's README).
 set -uo pipefail
@@ -18,7 +18,8 @@ budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 timeout 300 python3 benchmarks/run.py --modes high,normal,low,low-twopass --warmup --compare --other-modes-segments 1 \
   --out "$OUT/job.json" 2>&1 | grep -v USDT | tee "$OUT/log_job.txt" | grep -E "mode |ERROR|Error|error" | cut -c1-600
-timeout 150 python3 benchmarks/unet_variants.py --profile --out "$OUT/unet_variants.json" 2>&1 | grep -v USDT | tee "$OUT/log_variants.txt"
+timeout 240 python3 benchmarks/unet_variants.py --profile --compile-regional --out "$OUT/unet_variants.json" 2>&1 \
+  | grep -v USDT | tee "$OUT/log_variants.txt"
 left=$((budget - SECONDS))
 echo "seconds left for compile: $left"
 if [ "$left" -gt 200 ]; then

@@ -11,7 +11,10 @@ the first (reference) variant's:
 * ``clip-norm``: clip-wide group norms through ``ClipGroupNorm``'s multi-block reductions;
 * ``default``: that plus the feed-forward gates as two contiguous products (``GEGLU.split``);
 * ``default+cuda-graph``: the default replayed through ``CUDAGraphRunner`` (opt-in ``--cuda-graphs``);
-* ``compile`` / ``compile+cuda-graph``: ``torch.compile`` of the default (``--compile``; minutes).
+* ``compile`` / ``compile+cuda-graph``: ``torch.compile`` of the default (``--compile``; minutes);
+* ``compile-regional``: ``torch.compile`` of each residual block and transformer separately
+  (``--compile-regional``): blocks of one class and shape reuse one compiled graph, so the warm-up
+  is shorter, at the cost of fusions across block boundaries.
 
 ``--profile`` prints the kernels that take the most GPU time (``torch.profiler``). Results go to
 ``--out`` as JSON. CUDA only; ``--tiny`` runs the tiny config on CPU as a smoke test.
@@ -120,12 +123,24 @@ def top_kernels(fn: Callable[[], Any], device: torch.device, rows: int = 18) -> 
     return out
 
 
+def regional_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet's repeated blocks (residual blocks and both kinds of transformer), outermost only."""
+    from diffusers_vdm.attention import SpatialTransformer, TemporalTransformer
+    from diffusers_vdm.unet import ResBlock
+
+    kinds = (ResBlock, SpatialTransformer, TemporalTransformer)
+    return [m for m in unet.modules() if isinstance(m, kinds)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the default variant")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
+    parser.add_argument("--compile-regional", action="store_true",
+                        help="also time torch.compile of each repeated block instead of the whole UNet "
+                             "(blocks of one class and shape share compiled code: a shorter warm-up)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the reference and default variants")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -191,6 +206,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if device.type == "cuda":
         measure("default+cuda-graph", through_graph(unet))
+
+    if args.compile_regional:
+        blocks = regional_blocks(unet)
+        t0 = time.perf_counter()
+        for block in blocks:
+            block.compile(mode=args.compile_mode)
+        step()
+        sync(device)
+        warmup_s = time.perf_counter() - t0
+        logger.info("regional compile warm-up %.1f s (%d blocks)", warmup_s, len(blocks))
+        measure(f"compile-regional({args.compile_mode or 'default'})", step, warmup_s=round(warmup_s, 1),
+                blocks=len(blocks))
+        for block in blocks:  # back to eager before the whole-UNet variant
+            block._compiled_call_impl = None
 
     if args.compile:
         t0 = time.perf_counter()

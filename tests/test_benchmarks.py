@@ -103,3 +103,25 @@ def test_activation_memory_report(tmp_path):
     assert 0 < one < both
     keyframes = report["keyframe_decode"]
     assert 0 < keyframes["one at a time (normal, low)"] < keyframes["all at once (high)"]
+
+
+def test_regional_compile_targets_each_repeated_block_once(tiny_mf_repo):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import unet_variants
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from diffusers_vdm import UNet3DModel
+    from diffusers_vdm.attention import SpatialTransformer, TemporalTransformer
+    from diffusers_vdm.loading import load_module_folder
+    from diffusers_vdm.unet import ResBlock
+
+    import torch
+
+    unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None)
+    blocks = unet_variants.regional_blocks(unet)
+    kinds = (ResBlock, SpatialTransformer, TemporalTransformer)
+    assert {type(b) for b in blocks} == set(kinds)
+    assert len(blocks) == sum(isinstance(m, kinds) for m in unet.modules())
+    # None inside another: each piece of the UNet is compiled at most once.
+    assert not any(inner is not outer and any(inner is m for m in outer.modules()) for outer in blocks for inner in blocks)
