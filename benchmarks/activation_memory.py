@@ -73,6 +73,42 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+#: Operators that only make views (no memory traffic).
+_VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "t",
+    "split", "split_with_sizes", "chunk", "unbind", "alias", "as_strided", "detach", "unflatten", "flatten",
+    "reshape", "_reshape_alias",
+})
+#: Operators whose time is arithmetic (matrix products, convolutions, attention).
+_COMPUTE_OPS = ("linear", "mm", "addmm", "bmm", "baddbmm", "conv", "convolution", "scaled_dot_product")
+
+
+class OperatorTraffic(TorchDispatchMode):
+    """Bytes read and written by each memory-bound operator (elementwise, norms, copies).
+
+    Counts every tensor argument and result of at least 4 KiB once per call, at the operator level:
+    copies that kernels make internally (layout changes inside a library call) are not seen, so this
+    is the traffic of an implementation that runs each PyTorch operator as one ideal kernel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes_by_op: dict[str, int] = {}
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        aliasing_dropout = name == "dropout" and len(args) > 2 and not args[2]  # eval: returns its input
+        if name in _VIEW_OPS or aliasing_dropout or any(key in name for key in _COMPUTE_OPS):
+            return out
+        nbytes = sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+                     if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= 4096)
+        self.bytes_by_op[name] = self.bytes_by_op.get(name, 0) + nbytes
+        self.calls += 1
+        return out
+
+
 def peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak live bytes of the tensors ``fn`` creates (its result included while it is alive)."""
     with torch.inference_mode(), LiveTensorBytes() as tracker:
@@ -117,9 +153,9 @@ def keyframe_decode_peak(vae_config: dict, keyframes: int, height: int, width: i
         return peak_bytes(lambda: vae.decode(latents).sample)
 
 
-def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, width: int,
-                   dtype: torch.dtype = torch.float16) -> int:
-    """Activation peak of one video-UNet call on ``batch`` clips (2 = both guidance branches at once)."""
+def _unet_call(unet_config: dict, batch: int, frames: int, height: int, width: int,
+               dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """One video-UNet call at full size on ``meta`` (build and inputs), ready to run."""
     from diffusers_vdm import UNet3DModel
 
     with torch.device("meta"):
@@ -133,7 +169,29 @@ def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, widt
         text = torch.empty(batch, 77, ctx, dtype=dtype)
         image = torch.empty(batch, frames, 16, ctx, dtype=dtype)
         fs = torch.full((batch,), 3, dtype=torch.long)
-        return peak_bytes(lambda: unet(x, timesteps, context_text=text, context_img=image, concat_cond=concat, fs=fs))
+    return lambda: unet(x, timesteps, context_text=text, context_img=image, concat_cond=concat, fs=fs)
+
+
+def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, width: int,
+                   dtype: torch.dtype = torch.float16) -> int:
+    """Activation peak of one video-UNet call on ``batch`` clips (2 = both guidance branches at once)."""
+    call = _unet_call(unet_config, batch, frames, height, width, dtype)
+    with torch.device("meta"):
+        return peak_bytes(call)
+
+
+def unet_step_work(unet_config: dict, batch: int, frames: int, height: int, width: int,
+                   dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """Arithmetic (FLOPs) and memory-bound traffic of one video-UNet call: the two floors of its time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    call = _unet_call(unet_config, batch, frames, height, width, dtype)
+    flops, traffic = FlopCounterMode(display=False), OperatorTraffic()
+    with torch.device("meta"), torch.inference_mode(), flops, traffic:
+        call()
+    by_op = dict(sorted(traffic.bytes_by_op.items(), key=lambda kv: -kv[1]))
+    return {"tflop": flops.get_total_flops() / 1e12, "memory_bound_gb": sum(by_op.values()) / 1e9,
+            "memory_bound_calls": traffic.calls, "memory_bound_gb_by_op": {k: v / 1e9 for k, v in by_op.items()}}
 
 
 def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> dict[str, Any]:
@@ -149,6 +207,7 @@ def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> d
         report["decoder"][f"{mode} (frame chunk {chunk}, bands {band // 2**20} MiB)"] = peak / GiB
     for label, batch in (("both guidance branches (high, normal)", 2), ("one branch at a time (low)", 1)):
         report["unet_step"][label] = unet_step_peak(configs["mf_unet"], batch, frames, height, width) / GiB
+    report["unet_step_work"] = unet_step_work(configs["mf_unet"], 2, frames, height, width)
     # The default job's keyframe stage: 6 keyframes at 512x640 (bf16, as the original), scaled with --tiny.
     kf_height, kf_width = (640, 512) if height >= 256 else (height, width)
     for label, one in (("all at once (high)", False), ("one at a time (normal, low)", True)):
@@ -179,6 +238,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for stage in ("decoder", "unet_step", "keyframe_decode"):
         for label, gib in report[stage].items():
             logger.info("%-15s %-42s %.3f GiB", stage, label, gib)
+    work = report["unet_step_work"]
+    logger.info("video-UNet step (both branches): %.1f TFLOP; memory-bound operators move %.1f GB in %d calls",
+                work["tflop"], work["memory_bound_gb"], work["memory_bound_calls"])
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

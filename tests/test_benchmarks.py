@@ -79,6 +79,18 @@ def test_live_tensor_bytes_counts_storages_once_and_frees_them():
     assert tracker.peak == 8192
 
 
+def test_operator_traffic_counts_memory_bound_operators_only():
+    import torch
+
+    with _activation_memory().OperatorTraffic() as traffic:
+        x = torch.ones(1024, 4)  # 16 KiB (a fill: written once)
+        y = (x + 1).t()  # add reads x, writes its result; the transpose is a view
+        torch.nn.functional.linear(x, torch.ones(8, 4))  # arithmetic: not memory-bound traffic
+        torch.nn.functional.dropout(y, 0.5, training=False)  # returns its input
+    assert traffic.bytes_by_op == {"ones": 16384, "add": 2 * 16384}
+    assert traffic.calls == 3  # two fills (the weight is under 4 KiB: no bytes counted) and the add
+
+
 def test_banded_decode_lowers_the_counted_peak():
     """On the meta device (no compute): the decoder's temporal mixing in bands with frame chunks needs
     about half the activation memory of whole clips (the full-size numbers are in benchmarks/README.md)."""
@@ -101,6 +113,10 @@ def test_activation_memory_report(tmp_path):
     steps = report["unet_step"]
     both, one = steps["both guidance branches (high, normal)"], steps["one branch at a time (low)"]
     assert 0 < one < both
+    work = report["unet_step_work"]
+    assert work["tflop"] > 0 and work["memory_bound_gb"] > 0
+    assert {"group_norm", "layer_norm", "silu"} <= set(work["memory_bound_gb_by_op"])
+    assert "dropout" not in work["memory_bound_gb_by_op"]  # eval-mode dropout returns its input
     keyframes = report["keyframe_decode"]
     assert 0 < keyframes["one at a time (normal, low)"] < keyframes["all at once (high)"]
 
