@@ -210,7 +210,7 @@ def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> d
     report["unet_step_work"] = unet_step_work(configs["mf_unet"], 2, frames, height, width)
     # The default job's keyframe stage: 6 keyframes at 512x640 (bf16, as the original), scaled with --tiny.
     kf_height, kf_width = (640, 512) if height >= 256 else (height, width)
-    for label, one in (("all at once (high)", False), ("one at a time (normal, low)", True)):
+    for label, one in (("all at once (high, normal)", False), ("one at a time (low)", True)):
         peak = keyframe_decode_peak(configs["sf_vae"], 6, kf_height, kf_width, one)
         report["keyframe_decode"][label] = peak / GiB
     return report

@@ -2,7 +2,7 @@
 # One lent-GPU session of issue 7's measurements (see benchmarks/README.md), results under $OUT:
 #   1. the whole default job in high mode (+ --compare), then one segment in normal and in low mode,
 #      low both batched (>= 7 GiB free) and as two passes (smaller cards); their memory peaks
-#      (banded video decode, one-by-one keyframe decode)                   -> job.json
+#      (banded video decode)                                               -> job.json
 #   2. video-UNet step variants with a kernel profile, and regional compilation -> unet_variants.json
 #   3. if time is left: high mode with torch.compile, one segment          -> job_compile.json
 # The device image lacks diffusers: carry its wheel in .whl (see the device tool's README).

@@ -103,20 +103,20 @@ def test_keyframes_report_progress_and_can_be_cancelled(models):
         generate_keyframes(image, "x", [500], 64, 64, 1, 5, "", 3.0, models=models, progress=progress, cancel=stop)
 
 
-def test_keyframes_decode_one_at_a_time_below_high_vram(tiny_models_dir, monkeypatch):
-    """normal/low decode each keyframe separately (the decoder's memory scales with the batch); same frames."""
+def test_keyframes_decode_one_at_a_time_in_low_vram(tiny_models_dir, monkeypatch):
+    """low decodes each keyframe separately (the decoder's memory scales with the batch); same frames."""
     image = np.full((40, 30, 3), 120, np.uint8)
     image[10:30, 5:25] = (30, 160, 220)
     results, batches = {}, {}
-    for mode in ("high", "normal"):
+    for mode in ("normal", "low"):
         manager = ModelManager(sources=ModelSources(models_dir=tiny_models_dir), vram_mode=mode)
         vae = manager.single_frame().vae
         sizes = batches[mode] = []
         real_decode = vae.decode
         monkeypatch.setattr(vae, "decode", lambda z, *a, **k: sizes.append(len(z)) or real_decode(z, *a, **k))
         results[mode] = generate_keyframes(image, "x", [400, 800, 999], 64, 64, 1, 2, "", 3.0, models=manager)
-    assert batches == {"high": [3], "normal": [1, 1, 1]}
-    assert max(_uint8_diff(a, b) for a, b in zip(results["high"], results["normal"])) <= 1
+    assert batches == {"normal": [3], "low": [1, 1, 1]}
+    assert max(_uint8_diff(a, b) for a, b in zip(results["normal"], results["low"])) <= 1
 
 
 @pytest.mark.parametrize(
