@@ -14,7 +14,7 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--tiny", "--modes", "high,low", "--other-modes-segments", "1",
-         "--compare", "--out", str(out)],
+         "--compare", "--warmup", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -25,6 +25,9 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     high, low = report["modes"]["high"], report["modes"]["low"]
     assert high["job"] == {"keyframes": 4, "video_frames": 45, "video_size": [112, 96], "finite": True}
     assert low["job"]["video_frames"] == 15 and low["vae_decode_frame_chunk"] == 2
+    # Each mode is warmed up on its own shapes before it is timed.
+    assert high["warmup_seconds"] > 0 and low["warmup_seconds"] > 0
+    assert report["warmup_seconds"] == round(high["warmup_seconds"] + low["warmup_seconds"], 2)
     for stage in ("keyframes", "keyframes.sampler", "video", "video.sampler", "video.vae_decode"):
         assert high["stages"][stage]["seconds"] > 0 and high["stages"][stage]["calls"] >= 1
     # Optimised paths agree with the reference paths (fp32 on CPU: float noise only).
