@@ -93,6 +93,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
                         "launches are the bottleneck: no gain on an H100)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the video UNet channels-last (the same math, without cuDNN's layout transposes "
+                        "around each convolution; may be faster on GPUs from Volta on)")
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs before new ones are refused")
     return p.parse_args(argv)
 
@@ -552,7 +555,7 @@ def build_app(services: Services) -> gr.Blocks:
 def create_services(args: argparse.Namespace) -> Services:
     models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
                           vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, channels_last=args.channels_last)
     return Services(models=models, buckets=parse_buckets(args.video_buckets), results_dir=Path(args.results_dir))
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normalization import ClipGroupNorm
+from .normalization import ClipGroupNorm, GroupNorm
 
 ContextType = Union[None, torch.Tensor, Sequence[torch.Tensor]]
 
@@ -351,7 +351,7 @@ class SpatialTransformer(nn.Module):
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
         else:
@@ -421,6 +421,7 @@ class TemporalTransformer(nn.Module):
         if not only_self_att:
             raise ValueError("Temporal cross-attention is not supported: use temporal_selfatt_only=True.")
         self.only_self_att = only_self_att
+        self.channels_last = False  # set by UNet3DModel.set_channels_last
         self.relative_position = relative_position
         self.causal_attention = causal_attention
         self.causal_block_size = causal_block_size
@@ -464,11 +465,18 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: ContextType = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         residual = x
-        x = self.norm(x)
-        x = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)
+        if self.channels_last:
+            # The norm writes the (b, h, w, t, c) token layout directly: no copy to get there.
+            tokens = torch.empty((b, h, w, t, c), dtype=x.dtype, device=x.device)
+            self.norm(x, out=tokens.permute(0, 4, 3, 1, 2))
+            x = tokens.view(b * h * w, t, c)
+        else:
+            x = self.norm(x)
+            x = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)
         x = self._project(self.proj_in, x)
         for block in self.transformer_blocks:
             x = block(x)
         x = self._project(self.proj_out, x)
         x = x.reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
-        return x + residual
+        # A sum takes the layout of its first operand: the residual's keeps channels-last clips so.
+        return residual + x if self.channels_last else x + residual

@@ -9,6 +9,9 @@ most of a large GPU sits idle; on an H100 these norms took about 12 % of a video
 statistics from PyTorch's multi-block reductions (accumulated in float32, like the native kernel)
 and normalises in one pass through ``batch_norm`` in its inference form, fed per-(clip, channel)
 statistics. Everywhere else it is ``nn.GroupNorm`` itself, so CPU results are unchanged.
+
+``GroupNorm`` (the base of ``ClipGroupNorm``) keeps channels-last tensors channels-last on the GPU,
+for the video UNet's opt-in channels-last layout (``UNet3DModel.set_channels_last``).
 """
 
 from __future__ import annotations
@@ -46,18 +49,94 @@ def wide_group_norm(
     return y.view_as(x)
 
 
-class ClipGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state-dict keys) with a fast CUDA path for whole clips.
+def channels_last_format(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """``channels_last`` / ``channels_last_3d`` when ``x`` is laid out channels-last (and is not also
+    plainly contiguous, as single-channel or 1x1 tensors are), else ``None``."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
 
-    ``fast = False`` forces PyTorch's own kernel (the reference path, for comparisons).
+
+def channels_last_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``F.group_norm`` of a channels-last ``x`` (4D or 5D), returned channels-last.
+
+    PyTorch's CUDA group norm makes a channels-first copy of such an input and returns a
+    channels-first result, which the next convolution transposes back. Here the statistics come
+    from per-(sample, channel) float32 sums over the contiguous ``(b, pixels, c)`` view (column
+    reductions), are merged per group, and are folded into one float32 scale and shift per
+    (sample, channel); a single ``addcmul`` then writes ``x * scale + shift`` in ``x``'s dtype and
+    layout, or into ``out`` (any strides: a transformer can have its token layout written directly).
+    """
+    b, c = x.shape[:2]
+    per_group = c // num_groups
+    rows = x.movedim(1, -1).reshape(b, -1, c)  # a view: channels are the innermost axis
+    count = rows.shape[1] * per_group
+    f32 = torch.promote_types(x.dtype, torch.float32)
+    # Few kernels on the small (b, c) tensors: each costs a launch, whatever its size.
+    sums = torch.stack((rows.sum(dim=1, dtype=f32), torch.linalg.vector_norm(rows, dim=1, dtype=f32).square_()))
+    mean, mean_square = (sums.view(2, b, num_groups, per_group).sum(-1) / count).unbind(0)  # (b, groups)
+    rstd = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0.0).add_(eps).rsqrt_()
+    mean, rstd = mean[..., None], rstd[..., None]  # (b, groups, 1), against (groups, per_group) parameters
+    grouped = (num_groups, per_group)
+    scale = rstd.expand(b, *grouped) if weight is None else rstd * weight.to(f32).view(grouped)
+    shift = scale * mean.neg() if bias is None else torch.addcmul(bias.to(f32).view(grouped), mean, scale, value=-1)
+    broadcast = (b, c) + (1,) * (x.dim() - 2)
+    shift, scale = shift.reshape(broadcast), scale.reshape(broadcast)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if wants_grad or torch.compiler.is_compiling():
+        # ``out=`` has no gradient and stops a torch.compile graph; compiled, the plain form fuses anyway.
+        y = torch.addcmul(shift, x, scale).to(x.dtype)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty_like(x)  # keeps the channels-last strides
+    return torch.addcmul(shift, x, scale, out=out)
+
+
+def native_group_norm_keeps_channels_last(device: torch.device) -> bool:
+    """PyTorch's CPU group norm keeps channels-last tensors channels-last; its CUDA one does not."""
+    return device.type == "cpu"
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state-dict keys) that, once ``channels_last`` is set, keeps
+    channels-last inputs channels-last off the CPU (where PyTorch's own kernel already does)."""
+
+    channels_last: bool = False
+
+    def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The group norm of ``x``; written into ``out`` (same shape, any strides) when given."""
+        if self.channels_last and channels_last_format(x) is not None \
+                and not native_group_norm_keeps_channels_last(x.device):
+            return channels_last_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out=out)
+        y = self._forward(x)
+        return y if out is None else out.copy_(y)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ClipGroupNorm(GroupNorm):
+    """``GroupNorm`` with a fast GPU path for whole clips ``(b, c, t, h, w)``.
+
+    ``fast = False`` forces PyTorch's own kernel (the reference path, for comparisons). The path is
+    also taken on ``meta``, where the benchmarks count what the GPU path allocates and moves.
     """
 
     fast: bool = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and x.is_cuda and x.dim() == 5:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and x.device.type in ("cuda", "meta") and x.dim() == 5:
             return wide_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return super().forward(x)
+        return super()._forward(x)
 
 
 # -- group statistics gathered piece by piece --------------------------------------------------------

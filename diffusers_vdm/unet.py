@@ -19,7 +19,7 @@ from .attention import (
 )
 from .embeddings import timestep_embedding
 from .modeling import DeviceDtypeMixin
-from .normalization import ClipGroupNorm
+from .normalization import ClipGroupNorm, GroupNorm
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -44,7 +44,7 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
 
 
 def normalization(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels)
+    return GroupNorm(32, channels)
 
 
 class Downsample(nn.Module):
@@ -275,6 +275,7 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
         self.temporal_length = temporal_length
         self.default_fs = default_fs
         self.fs_condition = fs_condition
+        self.channels_last = False
         time_embed_dim = model_channels * 4
 
         def heads_for(ch: int) -> tuple[int, int]:
@@ -415,6 +416,24 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
             if isinstance(m, GEGLU):
                 m.split = bool(enabled)
 
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """Keep activations and convolution weights channels-last (opt-in; the same math).
+
+        Frames are then stored ``(b, t, h, w, c)``: on GPUs whose convolutions run channels-last
+        (cuDNN on Volta and newer), no convolution transposes its input and output any more, the
+        views between ``((b t), c, h, w)`` frames and ``(b, c, t, h, w)`` clips cost no copy, and
+        spatial transformers enter and leave their ``(b t, h w, c)`` token layout for free.
+        """
+        self.channels_last = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, (GroupNorm, TemporalTransformer)):
+                m.channels_last = self.channels_last
+            elif isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.contiguous_format
+                if enabled:
+                    layout = torch.channels_last if isinstance(m, nn.Conv2d) else torch.channels_last_3d
+                m.weight.data = m.weight.data.contiguous(memory_format=layout)
+
     def set_attention_batch_chunk(self, chunk: int) -> None:
         """Attend ``chunk`` batch entries at a time (0 = all): exact, lower peak memory without flash kernels."""
         for m in self.modules():
@@ -458,6 +477,8 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
         if concat_cond is not None:
             x = torch.cat([x, concat_cond], dim=1)
         h = x.transpose(1, 2).reshape(b * t, x.shape[1], *x.shape[3:])
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
 
         skips = []
         for index, module in enumerate(self.input_blocks):

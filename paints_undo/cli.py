@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
                         "launches are the bottleneck: no gain on an H100)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="run the video UNet channels-last (the same math, without cuDNN's layout transposes "
+                        "around each convolution; may be faster on GPUs from Volta on)")
 
     g = p.add_argument_group("run")
     g.add_argument("--no-resume", action="store_true", help="recompute everything even if cached results exist")
@@ -451,7 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
                           vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, channels_last=args.channels_last)
     cancel = threading.Event()
     bars = _Bars(args.quiet)
     jobs = [(n, img, None) for n, img in zip(_job_names(images), images)]

@@ -133,6 +133,8 @@ class ModelManager:
     #: Replay the video UNet as a CUDA graph (opt-in, CUDA only; meant for the high VRAM mode, where
     #: the weights never move). Exact, but no faster on an H100, where the eager UNet is GPU-bound.
     cuda_graphs: bool = False
+    #: Run the video UNet channels-last (opt-in, same math; see ``UNet3DModel.set_channels_last``).
+    channels_last: bool = False
     _memory: Optional[MemoryManager] = None
     _single: Optional[SingleFrameModels] = None
     _multi: Optional[MultiFrameModels] = None
@@ -312,10 +314,12 @@ class ModelManager:
         return MultiFrameModels(pipeline, origin)
 
     def apply_memory_settings(self, pipeline) -> None:
-        """VRAM-mode switches of the video model that change memory, never results."""
+        """VRAM-mode and layout switches of the video model that change memory or speed, never results."""
         pipeline.vae.set_decoder_frame_chunk(self.memory.vae_decode_frame_chunk)
         pipeline.vae.set_decoder_band_bytes(self.memory.vae_decode_band_bytes)
         pipeline.unet.set_attention_batch_chunk(self.memory.unet_attention_batch_chunk)
+        if pipeline.unet.channels_last != bool(self.channels_last):
+            pipeline.unet.set_channels_last(self.channels_last)
         pipeline.set_cuda_graphs(self.use_cuda_graphs)
 
     # -- line art ---------------------------------------------------------------------------------

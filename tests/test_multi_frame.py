@@ -156,6 +156,28 @@ def test_mf_unet_golden(pipe):
         assert_close(unet(t["x"], t["timesteps"], **kwargs), t["out"], tol)
 
 
+@pytest.mark.parametrize("norm_path", ["pytorch", "channels-last kernels"])
+def test_mf_unet_channels_last_matches_the_original(pipe, monkeypatch, norm_path):
+    """The opt-in channels-last layout is the same math: the golden output, with both group-norm paths
+    (PyTorch's, which keeps the layout on the CPU, and ours, which the GPU takes)."""
+    from diffusers_vdm import normalization
+
+    if norm_path != "pytorch":
+        monkeypatch.setattr(normalization, "native_group_norm_keeps_channels_last", lambda device: False)
+    case, t = load_case("mf_unet")
+    kwargs = dict(context_text=t["context_text"], context_img=t["context_img"], concat_cond=t["concat_cond"], fs=t["fs"])
+    unet = pipe.unet
+    try:
+        unet.set_channels_last(True)
+        with torch.inference_mode():
+            out = unet(t["x"], t["timesteps"], **kwargs)
+    finally:
+        unet.set_channels_last(False)
+    assert_close(out, t["out"], case["tolerance"], f"mf_unet/out_channels_last ({norm_path})")
+    with torch.inference_mode():
+        assert (out - unet(t["x"], t["timesteps"], **kwargs)).abs().max().item() < 1e-5
+
+
 def test_mf_unet_per_frame_text_context_matches_shared(pipe):
     """Text given per frame (the original's repeat) and per clip (ours) are the same math."""
     _, t = load_case("mf_unet")
@@ -397,9 +419,15 @@ def test_import_touches_no_gpu_and_no_network():
     assert result.returncode == 0, result.stderr
 
 
-def test_unet_compiles_as_one_graph_with_identical_output(tiny_mf_repo):
-    """The opt-in torch.compile path: no graph breaks, same numbers (eager backend keeps CI fast)."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unet_compiles_as_one_graph_with_identical_output(tiny_mf_repo, monkeypatch, channels_last):
+    """The opt-in torch.compile path: no graph breaks, same numbers (eager backend keeps CI fast),
+    also with the channels-last layout and the group norms the GPU takes with it."""
+    from diffusers_vdm import normalization
+
+    monkeypatch.setattr(normalization, "native_group_norm_keeps_channels_last", lambda device: False)
     unet = LatentVideoDiffusionPipeline.from_pretrained(tiny_mf_repo).unet
+    unet.set_channels_last(channels_last)
     _, t = load_case("mf_unet")
     kwargs = dict(context_text=t["context_text"], context_img=t["context_img"], concat_cond=t["concat_cond"], fs=t["fs"])
     with torch.inference_mode():

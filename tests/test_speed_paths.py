@@ -1,5 +1,6 @@
-"""The speed paths of issue 7 that CPU can check: clip-wide group norm, cached embedding
-frequencies, the CUDA-graph runner's fallbacks and signatures, and how they are switched on."""
+"""The speed paths of issue 7 that CPU can check: clip-wide group norm, the channels-last layout,
+cached embedding frequencies, the CUDA-graph runner's fallbacks and signatures, and how they are
+switched on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from torch import nn
 
 from diffusers_vdm.cuda_graphs import CUDAGraphRunner, _signature
 from diffusers_vdm.embeddings import timestep_embedding
-from diffusers_vdm.normalization import ClipGroupNorm, wide_group_norm
+from diffusers_vdm.normalization import (
+    ClipGroupNorm, GroupNorm, channels_last_format, channels_last_group_norm, wide_group_norm,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -52,6 +55,85 @@ def test_clip_group_norm_is_a_group_norm_and_exact_on_cpu():
     assert torch.equal(norm(x), reference(x))
 
 
+# -- channels-last layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 5, 6, 7), (3, 64, 9, 10)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_channels_last_group_norm_matches_group_norm(shape, affine):
+    g = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(*shape, generator=g) * 3.0 + 5.0  # an offset that a careless variance would feel
+    weight = torch.randn(64, generator=g) if affine else None
+    bias = torch.randn(64, generator=g) if affine else None
+    expected = F.group_norm(x, 32, weight, bias, 1e-6)
+    got = channels_last_group_norm(x.contiguous(memory_format=layout), 32, weight, bias, 1e-6)
+    assert got.is_contiguous(memory_format=layout) and not got.is_contiguous()
+    assert (got - expected).abs().max().item() < 2e-5
+
+
+def test_channels_last_group_norm_in_half_precision_and_into_any_layout():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 64, 4, 5, 6, generator=g) * 2.0 + 3.0).half().contiguous(memory_format=torch.channels_last_3d)
+    weight, bias = torch.randn(64, generator=g).half(), torch.randn(64, generator=g).half()
+    expected = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
+    got = channels_last_group_norm(x, 32, weight, bias, 1e-6)
+    assert got.dtype == torch.float16
+    # Statistics in float32, so the only error is the float16 rounding of the result.
+    assert ((got.float() - expected).abs() <= expected.abs() * 2**-10 + 1e-3).all()
+    # Written straight into a transformer's (b, h, w, t, c) token layout.
+    tokens = torch.empty(2, 5, 6, 4, 64, dtype=torch.float16)
+    into = channels_last_group_norm(x, 32, weight, bias, 1e-6, out=tokens.permute(0, 4, 3, 1, 2))
+    assert into.data_ptr() == tokens.data_ptr() and torch.equal(into, got)
+
+
+def test_channels_last_format_tells_layouts_apart():
+    assert channels_last_format(torch.empty(2, 8, 3, 4)) is None
+    assert channels_last_format(torch.empty(2, 8, 3, 4).contiguous(memory_format=torch.channels_last)) is torch.channels_last
+    clip = torch.empty(2, 3, 4, 5, 8).permute(0, 4, 1, 2, 3)  # (b, t, h, w, c) memory
+    assert channels_last_format(clip) is torch.channels_last_3d
+    # One channel: contiguous and channels-last at once, so not a channels-last tensor to keep.
+    assert channels_last_format(torch.empty(2, 1, 3, 4)) is None
+
+
+def test_group_norm_keeps_the_layout_only_when_switched_on():
+    norm = GroupNorm(32, 64)
+    x = torch.randn(2, 64, 3, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    assert norm.to("meta")(x).is_contiguous()  # PyTorch's kernel, as before: channels-first
+    norm.channels_last = True
+    with torch.no_grad():
+        y = norm(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    out = torch.empty(2, 3, 4, 64, device="meta").permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert norm(x, out=out) is out
+    # Channels-first input takes PyTorch's kernel whatever the switch says.
+    assert norm(torch.randn(2, 64, 3, 4, device="meta")).is_contiguous()
+    # With gradients wanted (the parameters require them here) the result is the same and differentiable.
+    assert norm.weight.requires_grad and torch.is_grad_enabled()
+    assert norm(x).requires_grad and norm(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unet_channels_last_switch_keeps_weights_and_restores_them(tiny_mf_repo):
+    from diffusers_vdm import UNet3DModel
+    from diffusers_vdm.attention import TemporalTransformer
+    from diffusers_vdm.loading import load_module_folder
+
+    unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.set_channels_last(True)
+    convs = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    layout = {nn.Conv2d: torch.channels_last, nn.Conv3d: torch.channels_last_3d}
+    assert convs and all(m.weight.is_contiguous(memory_format=layout[type(m)]) for m in convs)
+    assert sum(not m.weight.is_contiguous() for m in convs) > len(convs) // 2  # (1x1 kernels are both)
+    assert all(m.channels_last for m in unet.modules() if isinstance(m, (GroupNorm, TemporalTransformer)))
+    state = unet.state_dict()
+    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
+    unet.set_channels_last(False)
+    assert all(m.weight.is_contiguous() for m in convs)
+    assert not any(m.channels_last for m in unet.modules() if isinstance(m, (GroupNorm, TemporalTransformer)))
+
+
 def test_unet_switches_every_clip_norm(tiny_mf_repo):
     from diffusers_vdm import UNet3DModel
     from diffusers_vdm.loading import load_module_folder
@@ -62,9 +144,10 @@ def test_unet_switches_every_clip_norm(tiny_mf_repo):
     assert norms and all(m.fast for m in norms)
     unet.set_fast_clip_norm(False)
     assert not any(m.fast for m in norms)
-    # The per-frame group norms stay plain (their kernel is already parallel enough).
-    assert all(type(m) is nn.GroupNorm for name, m in unet.named_modules()
-               if isinstance(m, nn.GroupNorm) and ("in_layers" in name or "out_layers" in name))
+    # The per-frame group norms have no clip-wide path (PyTorch's kernel is already parallel enough).
+    per_frame = [m for name, m in unet.named_modules()
+                 if isinstance(m, nn.GroupNorm) and ("in_layers" in name or "out_layers" in name)]
+    assert per_frame and all(type(m) is GroupNorm for m in per_frame)
 
 
 def test_split_geglu_is_the_same_math(tiny_mf_repo):
@@ -159,6 +242,18 @@ def test_model_manager_and_pipeline_switch(tiny_mf_repo, fake_cuda):
     assert not pipe.cuda_graphs and pipe._graph_runner is None
 
 
+def test_model_manager_applies_the_channels_last_switch(tiny_mf_repo):
+    from diffusers_vdm import LatentVideoDiffusionPipeline
+    from paints_undo.models import ModelManager
+
+    pipe = LatentVideoDiffusionPipeline.from_pretrained(tiny_mf_repo)
+    assert not pipe.unet.channels_last
+    ModelManager(device="cpu", vram_mode="high", channels_last=True).apply_memory_settings(pipe)
+    assert pipe.unet.channels_last
+    ModelManager(device="cpu", vram_mode="high").apply_memory_settings(pipe)  # opt-in: off by default
+    assert not pipe.unet.channels_last
+
+
 def test_cli_and_app_accept_the_cuda_graph_flags():
     import gradio_app
     from paints_undo import cli
@@ -168,6 +263,10 @@ def test_cli_and_app_accept_the_cuda_graph_flags():
     assert parser.parse_args(["x.png"]).cuda_graphs is False
     assert gradio_app.parse_args(["--cuda-graphs"]).cuda_graphs is True
     assert gradio_app.parse_args([]).cuda_graphs is False
+    assert parser.parse_args(["--channels-last", "x.png"]).channels_last is True
+    assert parser.parse_args(["x.png"]).channels_last is False
+    assert gradio_app.parse_args(["--channels-last"]).channels_last is True
+    assert gradio_app.parse_args([]).channels_last is False
 
 
 # -- low-VRAM video decoding: temporal mixing band by band -------------------------------------------
