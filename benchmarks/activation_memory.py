@@ -77,10 +77,20 @@ class LiveTensorBytes(TorchDispatchMode):
 _VIEW_OPS = frozenset({
     "view", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "t",
     "split", "split_with_sizes", "chunk", "unbind", "alias", "as_strided", "detach", "unflatten", "flatten",
-    "reshape", "_reshape_alias",
+    "reshape", "_reshape_alias", "movedim", "view_as", "reshape_as", "expand_as", "swapaxes", "narrow",
 })
+#: Operators that only allocate (no traffic).
+_ALLOCATION_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "promote_types"})
 #: Operators whose time is arithmetic (matrix products, convolutions, attention).
 _COMPUTE_OPS = ("linear", "mm", "addmm", "bmm", "baddbmm", "conv", "convolution", "scaled_dot_product")
+
+
+def _shares_storage(out: Any, source: Any) -> bool:
+    """Whether every tensor ``out`` holds is a view of ``source``'s storage (no data was moved)."""
+    if not isinstance(source, torch.Tensor):
+        return True
+    key = source.untyped_storage()._cdata
+    return all(t.untyped_storage()._cdata == key for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
 
 
 class OperatorTraffic(TorchDispatchMode):
@@ -100,18 +110,55 @@ class OperatorTraffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         aliasing_dropout = name == "dropout" and len(args) > 2 and not args[2]  # eval: returns its input
-        if name in _VIEW_OPS or aliasing_dropout or any(key in name for key in _COMPUTE_OPS):
-            return out
-        nbytes = sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+        if (name in _VIEW_OPS and _shares_storage(out, args[0])) or aliasing_dropout \
+                or any(key in name for key in _COMPUTE_OPS):
+            return out  # (a ``reshape`` that had to copy is traffic, and counted)
+        if name in _ALLOCATION_OPS or (out is (args[0] if args else None) and not name.endswith("_")):
+            return out  # allocation only, or a conversion that had nothing to do (``contiguous``, ``to``)
+        # An ``out=`` tensor is the result: counted once, as written.
+        inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}
+        nbytes = sum(t.numel() * t.element_size() for t in tree_flatten((args, inputs, out))[0]
                      if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= 4096)
         self.bytes_by_op[name] = self.bytes_by_op.get(name, 0) + nbytes
         self.calls += 1
         return out
 
 
+_CONVOLUTION_OPS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution"})
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Laid out channels-last, and not also plainly contiguous (as one-channel or 1x1 tensors are)."""
+    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.dim() in (4, 5) and x.is_contiguous(memory_format=layout) and not (x.is_contiguous() and x.shape[1] > 1)
+
+
+class CudaLayouts(TorchDispatchMode):
+    """Gives ``meta`` results the memory layouts the CUDA kernels give them.
+
+    PyTorch's meta kernels return plainly contiguous results, but cuDNN returns a channels-last
+    convolution result when the input or the weight is channels-last, and the fused attention
+    kernels return their output in the query's layout (so merging heads back is a view, not a
+    copy). Modes entered after it see the corrected layouts.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not isinstance(out, torch.Tensor) or out.device.type != "meta":
+            return out
+        if name in _CONVOLUTION_OPS and out.dim() in (4, 5):
+            if _is_channels_last(args[0]) or _is_channels_last(args[1]):
+                out = out.contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
+        elif name == "scaled_dot_product_attention" and out.shape == args[0].shape:
+            out = torch.empty_like(args[0])
+        return out
+
+
 def peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak live bytes of the tensors ``fn`` creates (its result included while it is alive)."""
-    with torch.inference_mode(), LiveTensorBytes() as tracker:
+    """Peak live bytes of the tensors ``fn`` creates (its result included while it is alive), with the
+    layouts CUDA kernels give their results (``CudaLayouts``)."""
+    with torch.inference_mode(), CudaLayouts(), LiveTensorBytes() as tracker:
         result = fn()
         del result
     return tracker.peak
@@ -154,12 +201,13 @@ def keyframe_decode_peak(vae_config: dict, keyframes: int, height: int, width: i
 
 
 def _unet_call(unet_config: dict, batch: int, frames: int, height: int, width: int,
-               dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+               dtype: torch.dtype, channels_last: bool = False) -> Callable[[], torch.Tensor]:
     """One video-UNet call at full size on ``meta`` (build and inputs), ready to run."""
     from diffusers_vdm import UNet3DModel
 
     with torch.device("meta"):
         unet = UNet3DModel(**unet_config).to(dtype).eval().requires_grad_(False)
+        unet.set_channels_last(channels_last)
         h, w = height // 8, width // 8
         ctx = unet_config["context_dim"]
         latent_channels = unet_config["out_channels"]
@@ -173,25 +221,60 @@ def _unet_call(unet_config: dict, batch: int, frames: int, height: int, width: i
 
 
 def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, width: int,
-                   dtype: torch.dtype = torch.float16) -> int:
+                   dtype: torch.dtype = torch.float16, channels_last: bool = False) -> int:
     """Activation peak of one video-UNet call on ``batch`` clips (2 = both guidance branches at once)."""
-    call = _unet_call(unet_config, batch, frames, height, width, dtype)
+    call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last)
     with torch.device("meta"):
         return peak_bytes(call)
 
 
+class ConvolutionLayouts(TorchDispatchMode):
+    """Counts convolutions by the memory layout of their operands, and the layout traffic around them.
+
+    cuDNN runs half-precision convolutions on recent GPUs channels-last. When neither the input nor
+    the weight is channels-last, the input and weight are transposed before the kernel and the
+    result back after it (``nchwToNhwcKernel`` and its inverse in a profile); when only one of them
+    is, the other one is transposed. ``transposed_bytes`` is the bytes those copies read and write:
+    an estimate of what the layout costs, not a measurement.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels_first = 0
+        self.channels_last = 0
+        self.transposed_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in _CONVOLUTION_OPS:
+            x, weight = args[0], args[1]
+            size = lambda t: 2 * t.numel() * t.element_size()  # noqa: E731 - read + write
+            x_last, weight_last = _is_channels_last(x), _is_channels_last(weight)
+            if x_last or weight_last:
+                self.channels_last += 1
+                self.transposed_bytes += (0 if x_last else size(x)) + (0 if weight_last else size(weight))
+            else:
+                self.channels_first += 1
+                self.transposed_bytes += size(x) + size(weight) + size(out)
+        return out
+
+
 def unet_step_work(unet_config: dict, batch: int, frames: int, height: int, width: int,
-                   dtype: torch.dtype = torch.float16) -> dict[str, Any]:
-    """Arithmetic (FLOPs) and memory-bound traffic of one video-UNet call: the two floors of its time."""
+                   dtype: torch.dtype = torch.float16, channels_last: bool = False) -> dict[str, Any]:
+    """Arithmetic (FLOPs), memory-bound traffic and convolution layouts of one video-UNet call:
+    the floors of its time."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    call = _unet_call(unet_config, batch, frames, height, width, dtype)
-    flops, traffic = FlopCounterMode(display=False), OperatorTraffic()
-    with torch.device("meta"), torch.inference_mode(), flops, traffic:
+    call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last)
+    flops, traffic, layouts = FlopCounterMode(display=False), OperatorTraffic(), ConvolutionLayouts()
+    # The layouts are corrected above the FLOP counter, which runs attention as its math decomposition.
+    with torch.device("meta"), torch.inference_mode(), flops, CudaLayouts(), traffic, layouts:
         call()
     by_op = dict(sorted(traffic.bytes_by_op.items(), key=lambda kv: -kv[1]))
     return {"tflop": flops.get_total_flops() / 1e12, "memory_bound_gb": sum(by_op.values()) / 1e9,
-            "memory_bound_calls": traffic.calls, "memory_bound_gb_by_op": {k: v / 1e9 for k, v in by_op.items()}}
+            "memory_bound_calls": traffic.calls, "memory_bound_gb_by_op": {k: v / 1e9 for k, v in by_op.items()},
+            "convolutions_channels_first": layouts.channels_first, "convolutions_channels_last": layouts.channels_last,
+            "cudnn_transpose_gb": layouts.transposed_bytes / 1e9}
 
 
 def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> dict[str, Any]:
@@ -207,7 +290,11 @@ def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> d
         report["decoder"][f"{mode} (frame chunk {chunk}, bands {band // 2**20} MiB)"] = peak / GiB
     for label, batch in (("both guidance branches (high, normal)", 2), ("one branch at a time (low)", 1)):
         report["unet_step"][label] = unet_step_peak(configs["mf_unet"], batch, frames, height, width) / GiB
+    report["unet_step"]["both guidance branches, channels-last"] = unet_step_peak(
+        configs["mf_unet"], 2, frames, height, width, channels_last=True) / GiB
     report["unet_step_work"] = unet_step_work(configs["mf_unet"], 2, frames, height, width)
+    report["unet_step_work_channels_last"] = unet_step_work(configs["mf_unet"], 2, frames, height, width,
+                                                            channels_last=True)
     # The default job's keyframe stage: 6 keyframes at 512x640 (bf16, as the original), scaled with --tiny.
     kf_height, kf_width = (640, 512) if height >= 256 else (height, width)
     for label, one in (("all at once (high, normal)", False), ("one at a time (low)", True)):
@@ -238,9 +325,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for stage in ("decoder", "unet_step", "keyframe_decode"):
         for label, gib in report[stage].items():
             logger.info("%-15s %-42s %.3f GiB", stage, label, gib)
-    work = report["unet_step_work"]
-    logger.info("video-UNet step (both branches): %.1f TFLOP; memory-bound operators move %.1f GB in %d calls",
-                work["tflop"], work["memory_bound_gb"], work["memory_bound_calls"])
+    for key, label in (("unet_step_work", "channels-first"), ("unet_step_work_channels_last", "channels-last")):
+        work = report[key]
+        logger.info("video-UNet step (both branches, %s): %.1f TFLOP; memory-bound operators move %.1f GB in %d "
+                    "calls; %d of %d convolutions take channels-first input (%.1f GB of cuDNN transposes)",
+                    label, work["tflop"], work["memory_bound_gb"], work["memory_bound_calls"],
+                    work["convolutions_channels_first"],
+                    work["convolutions_channels_first"] + work["convolutions_channels_last"], work["cudnn_transpose_gb"])
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

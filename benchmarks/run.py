@@ -105,13 +105,14 @@ def build_models(manager, configs: dict[str, dict], device: torch.device) -> Non
     manager._multi = MultiFrameModels(pipe, origin)
 
 
-def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None, cuda_graphs: bool = False):
+def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None, cuda_graphs: bool = False,
+              channels_last: bool = False):
     """A manager in VRAM ``mode`` over the already built models of ``shared`` (built once per run)."""
     from paints_undo.models import ModelManager, SingleFrameModels
     from single_frame import KDiffusionSampler
 
     manager = ModelManager(device=shared.device, vram_mode=mode, compile=shared.compile, batch_cfg=batch_cfg,
-                           cuda_graphs=cuda_graphs)
+                           cuda_graphs=cuda_graphs, channels_last=channels_last)
     sf = shared._single
     sampler = KDiffusionSampler(sf.unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
                                 batched_cfg=manager.use_batch_cfg)
@@ -304,6 +305,13 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
         fast_kernels = sample(batch_cfg=True, graphs=False, reference_kernels=False)
         out["video_latents_batched_cfg_vs_two_passes_max_abs"] = max_abs(ref, batched)
         out["video_latents_fast_kernels_vs_reference_kernels_max_abs"] = max_abs(batched, fast_kernels)
+        layout_before = pipe.unet.channels_last
+        pipe.unet.set_channels_last(True)
+        try:
+            channels_last = sample(batch_cfg=True, graphs=False, reference_kernels=False)
+        finally:
+            pipe.unet.set_channels_last(layout_before)
+        out["video_latents_channels_last_vs_channels_first_max_abs"] = max_abs(fast_kernels, channels_last)
         if device.type == "cuda":
             graphed = sample(batch_cfg=True, graphs=True, reference_kernels=False)
             out["video_latents_cuda_graph_vs_eager_max_abs"] = max_abs(fast_kernels, graphed)
@@ -381,8 +389,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs, few steps (CPU smoke test)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="high,normal,low",
-                        help="comma list of high/normal/low, optionally with '-compile', '-graphs' and/or "
-                             "'-twopass' (guidance branches as two UNet calls; e.g. high-compile, low-twopass)")
+                        help="comma list of high/normal/low, optionally with '-compile', '-graphs', '-nhwc' "
+                             "(the video UNet channels-last) and/or '-twopass' (guidance branches as two UNet "
+                             "calls; e.g. high-compile, low-twopass, high-nhwc)")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -455,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 unet.compile()
         two_passes = args.no_batch_cfg or "twopass" in variants
         manager = with_mode(shared, vram_mode, batch_cfg=False if two_passes else None,
-                            cuda_graphs="graphs" in variants)
+                            cuda_graphs="graphs" in variants, channels_last="nhwc" in variants)
         mode_settings = JobSettings(**{**settings.__dict__})
         if index > 0 and args.other_modes_segments:
             mode_settings.segments = args.other_modes_segments
@@ -471,6 +480,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         restores = instrument(manager, recorder)
         entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
                                  "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
+                                 "channels_last": manager.channels_last,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
                                  "vae_decode_band_bytes": manager.memory.vae_decode_band_bytes,
                                  "unet_attention_batch_chunk": manager.memory.unet_attention_batch_chunk}

@@ -10,6 +10,8 @@ the first (reference) variant's:
   feed-forward gate (the original's kernels);
 * ``clip-norm``: clip-wide group norms through ``ClipGroupNorm``'s multi-block reductions;
 * ``default``: that plus the feed-forward gates as two contiguous products (``GEGLU.split``);
+* ``default+channels-last``: the default with activations and convolution weights channels-last
+  (``UNet3DModel.set_channels_last``): no cuDNN layout transposes around the convolutions;
 * ``default+cuda-graph``: the default replayed through ``CUDAGraphRunner`` (opt-in ``--cuda-graphs``);
 * ``compile`` / ``compile+cuda-graph``: ``torch.compile`` of the default (``--compile``; minutes);
 * ``compile-regional``: ``torch.compile`` of each residual block and transformer separately
@@ -191,6 +193,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     measure("default", step)
     if args.profile:
         report["profile_default"] = top_kernels(step, device)
+    unet.set_channels_last(True)
+    measure("default+channels-last", step)
+    if args.profile:
+        report["profile_channels_last"] = top_kernels(step, device)
+    unet.set_channels_last(False)
 
     def through_graph(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
         runner = CUDAGraphRunner(module)

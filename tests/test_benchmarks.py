@@ -35,6 +35,7 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     assert report["compare"]["vae_decode_frame_chunked_vs_whole_max_abs"] < 1e-5
     assert report["compare"]["vae_decode_low_vram_bands_vs_whole_max_abs"] < 1e-4
     assert report["compare"]["vae_decode_abs_max"] > 0.01
+    assert report["compare"]["video_latents_channels_last_vs_channels_first_max_abs"] < 1e-3
     assert low["vae_decode_band_bytes"] == 32 * 2**20
     # The fast clip-norm and split-gate kernels are CUDA-only: on the CPU both settings run the same code.
     assert report["compare"]["video_latents_fast_kernels_vs_reference_kernels_max_abs"] == 0.0
@@ -50,10 +51,11 @@ def test_tiny_unet_variant_timer(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     variants = report["variants"]
-    assert set(variants) == {"reference", "clip-norm", "default"}  # no CUDA: no graph variant
+    assert set(variants) == {"reference", "clip-norm", "default", "default+channels-last"}  # no CUDA: no graph
     assert all(v["ms"] > 0 and v["finite"] for v in variants.values())
     # On the CPU the fast paths are not taken: every variant is the reference computation.
     assert variants["default"]["max_abs_diff"] == 0.0 and variants["clip-norm"]["max_abs_diff"] == 0.0
+    assert 0.0 <= variants["default+channels-last"]["max_abs_diff"] < 1e-4  # other CPU kernels, same math
     assert report["profile_default"] and all(row["ms"] >= 0 for row in report["profile_default"])
 
 
@@ -94,6 +96,55 @@ def test_operator_traffic_counts_memory_bound_operators_only():
     assert traffic.calls == 3  # two fills (the weight is under 4 KiB: no bytes counted) and the add
 
 
+def test_operator_traffic_counts_copies_not_views_and_out_tensors_once():
+    import torch
+
+    # Under inference mode, as the counts run: ``reshape`` reaches the mode whole.
+    with torch.inference_mode(), _activation_memory().OperatorTraffic() as traffic:
+        x = torch.empty(64, 32, 4)  # allocation only: no traffic
+        x.reshape(64, 128)  # a view
+        x.transpose(0, 1).reshape(32, 256)  # must copy: read and written
+        x.contiguous()  # already contiguous: nothing to do
+        torch.add(x, x, out=torch.empty_like(x))  # reads x twice, writes out once
+    size = 64 * 32 * 4 * 4
+    assert traffic.bytes_by_op == {"reshape": 2 * size, "add": 3 * size}
+
+
+def test_cuda_layouts_give_meta_results_the_gpu_layouts():
+    import torch
+
+    am = _activation_memory()
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        x = torch.empty(2, 16, 8, 8)
+        q = torch.empty(2, 8, 4, 16).transpose(1, 2)  # (b, heads, n, d) view of (b, n, heads, d)
+    with torch.inference_mode(), am.CudaLayouts(), am.ConvolutionLayouts() as layouts:
+        assert conv(x).is_contiguous()
+        y = conv(x.contiguous(memory_format=torch.channels_last))
+        attended = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert attended.stride() == q.stride()  # merging the heads back is a view
+    assert layouts.channels_first == 1 and layouts.channels_last == 1
+    # The channels-first call: input, weight and result each transposed (read + written).
+    weight_bytes = 16 * 16 * 9 * 4
+    assert layouts.transposed_bytes == 2 * (2 * 16 * 8 * 8 * 4) * 2 + 2 * weight_bytes + 2 * weight_bytes
+
+
+def test_channels_last_unet_feeds_every_convolution_channels_last():
+    """Counted on ``meta`` with cuDNN's layout rules: no convolution is left with a channels-first input."""
+    am = _activation_memory()
+    config = json.loads((ROOT / "benchmarks" / "configs" / "tiny.json").read_text())["mf_unet"]
+    first = am.unet_step_work(config, 2, 4, 64, 64)
+    last = am.unet_step_work(config, 2, 4, 64, 64, channels_last=True)
+    convolutions = first["convolutions_channels_first"] + first["convolutions_channels_last"]
+    assert convolutions > 10 and first["convolutions_channels_first"] == convolutions
+    assert last["convolutions_channels_first"] == 0 and last["convolutions_channels_last"] == convolutions
+    assert last["cudnn_transpose_gb"] < first["cudnn_transpose_gb"] / 20
+    assert last["tflop"] == first["tflop"]
+    # The frames <-> clips views cost no copy any more.
+    assert last["memory_bound_gb_by_op"].get("reshape", 0.0) < first["memory_bound_gb_by_op"]["reshape"]
+
+
 def test_banded_decode_lowers_the_counted_peak():
     """On the meta device (no compute): the decoder's temporal mixing in bands with frame chunks needs
     about half the activation memory of whole clips (the full-size numbers are in benchmarks/README.md)."""
@@ -118,6 +169,7 @@ def test_activation_memory_report(tmp_path):
     assert 0 < one < both
     work = report["unet_step_work"]
     assert work["tflop"] > 0 and work["memory_bound_gb"] > 0
+    assert report["unet_step_work_channels_last"]["convolutions_channels_first"] == 0
     assert {"group_norm", "layer_norm", "silu"} <= set(work["memory_bound_gb_by_op"])
     assert "dropout" not in work["memory_bound_gb_by_op"]  # eval-mode dropout returns its input
     keyframes = report["keyframe_decode"]
