@@ -251,6 +251,23 @@ def test_mf_pipeline_e2e_golden(models, monkeypatch):
     assert len(text) == 2
 
 
+def test_mf_pipeline_e2e_golden_channels_last_in_low_vram(tiny_models_dir, monkeypatch):
+    """The opt-in channels-last video UNet, with the group norms a GPU takes, gives the original's video."""
+    from diffusers_vdm import normalization
+
+    monkeypatch.setattr(normalization, "native_group_norm_keeps_channels_last", lambda device: False)
+    case, t = load_case("mf_pipeline_e2e")
+    cfg = case["config"]
+    manager = ModelManager(sources=ModelSources(models_dir=tiny_models_dir), vram_mode="low", channels_last=True)
+    keyframes = [GOLDEN / "mf_pipeline_e2e" / f"keyframe_{i}.png" for i in range(cfg["n_keyframes"])]
+    result = generate_video(keyframes, cfg["prompt"], cfg["steps"], cfg["cfg"], cfg["seed"],
+                            buckets=cfg["buckets_used"], models=manager)
+    assert manager.multi_frame().pipeline.unet.channels_last
+    diff = _uint8_diff(result.frames, t["output_frames_uint8"].numpy())
+    record("mf_pipeline_e2e/output_frames_uint8 (channels-last, low VRAM)", diff, "uint8")
+    assert diff <= case["tolerance"]["output_frames_uint8"]["atol"]
+
+
 def test_video_segments_stream_in_order_and_assemble_to_the_video(models):
     case, t = load_case("mf_pipeline_e2e")
     cfg = case["config"]
