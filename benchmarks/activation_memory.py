@@ -128,9 +128,9 @@ _CONVOLUTION_OPS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_con
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    """Laid out channels-last, and not also plainly contiguous (as one-channel or 1x1 tensors are)."""
-    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    return x.dim() in (4, 5) and x.is_contiguous(memory_format=layout) and not (x.is_contiguous() and x.shape[1] > 1)
+    from diffusers_vdm.normalization import channels_last_format
+
+    return channels_last_format(x) is not None
 
 
 class CudaLayouts(TorchDispatchMode):
