@@ -27,6 +27,7 @@ import numpy as np
 
 import paints_undo
 from paints_undo import export
+from paints_undo.cli import positive_int
 from paints_undo.errors import Cancelled, PaintsUndoError
 from paints_undo.keyframes import (
     DEFAULT_CFG,
@@ -96,6 +97,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true",
                    help="run the video UNet channels-last (the same math, without cuDNN's layout transposes "
                         "around each convolution; may be faster on GPUs from Volta on)")
+    p.add_argument("--segment-batch", type=positive_int, default=1, metavar="N",
+                   help="sample up to N video segments as one batch in high-VRAM mode (the same math per "
+                        "segment; about 1.6 GiB more per segment; segments then appear N at a time)")
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs before new ones are refused")
     return p.parse_args(argv)
 
@@ -555,7 +559,8 @@ def build_app(services: Services) -> gr.Blocks:
 def create_services(args: argparse.Namespace) -> Services:
     models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
                           vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
-                          cuda_graphs=args.cuda_graphs, channels_last=args.channels_last)
+                          cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
+                          segment_batch=args.segment_batch)
     return Services(models=models, buckets=parse_buckets(args.video_buckets), results_dir=Path(args.results_dir))
 
 

@@ -37,6 +37,12 @@ NORMAL_VRAM_MIN_FREE = 10 * GiB
 #: ``normal`` mode, whose sampler stage is the same), so 8 GB cards keep the faster single call and
 #: smaller cards run the branches one after the other (4.1 GiB).
 LOW_VRAM_BATCH_CFG_MIN_FREE = 7 * GiB
+#: High mode's peak for the default job with one video segment at a time (16.1 GiB reserved in run 2
+#: of ``benchmarks/``, rounded up), and what each further segment sampled in the same batch adds:
+#: 1.61 GiB of video-UNet activations for both guidance branches (counted by
+#: ``benchmarks/activation_memory.py``) plus allocator slack.
+HIGH_VRAM_JOB_PEAK = int(16.5 * GiB)
+SEGMENT_BATCH_EXTRA = int(1.8 * GiB)
 
 # Runtime dtypes of the original on CUDA. Keys are component roles used across the project.
 _CUDA_DTYPES = {
@@ -239,6 +245,21 @@ class MemoryManager:
     @property
     def keyframe_decode_one_at_a_time(self) -> bool:
         return self.vram_mode == "low"
+
+    def video_segment_batch(self, requested: int) -> int:
+        """Video segments to sample as one batch, given that ``requested`` were asked for.
+
+        Only in high mode, and on a GPU only as many as the free memory at start-up holds: each
+        further segment adds ``SEGMENT_BATCH_EXTRA`` to the job's peak, which the normal and low
+        modes' budgets do not have.
+        """
+        requested = max(1, int(requested))
+        if not self.high_vram:
+            return 1
+        if self.device.type == "cpu":
+            return requested
+        room = 1 + max(0, self.free_at_start - HIGH_VRAM_JOB_PEAK) // SEGMENT_BATCH_EXTRA
+        return min(requested, room)
 
     #: Batch entries per attention call in the video UNet (0 = all); only where flash kernels are missing.
     @property

@@ -10,7 +10,7 @@ rounds below zero at t=999 for some step counts (the original then produced NaN 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,22 @@ LINEAR_END = 0.012
 TERMINAL_SCALE = 0.7
 TURNING_STEP = 400
 GUIDANCE_RESCALE = 0.7
+
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def batch_randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.randn(shape)`` from ``generator``, or with one generator per batch entry.
+
+    Per-entry generators let clips that were sampled one at a time (each seeded its own way) be
+    sampled as one batch with the same noise: entry ``i`` draws exactly what its own run drew.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}.")
+    entry = (1, *shape[1:])
+    return torch.cat([torch.randn(entry, generator=g, device=device, dtype=dtype) for g in generator])
 
 
 def scaled_linear_betas(linear_start: float, linear_end: float, n_timestep: int) -> np.ndarray:
@@ -130,13 +146,13 @@ class SamplerDynamicTSNR(nn.Module):
         extra_args: dict[str, Any],
         progress_tqdm: Optional[Callable] = None,
         callback: Optional[Callable[[dict], None]] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         batch_cfg: bool = False,
     ) -> torch.Tensor:
         """Sample latents of ``latent_shape`` (b, c, t, h, w).
 
         ``extra_args``: ``cfg_scale`` plus ``positive``/``negative`` UNet kwargs. Noise comes from the
-        global RNG (as the original) unless ``generator`` is given. ``callback`` receives
+        global RNG (as the original) unless ``generator`` is given (one, or one per batch entry). ``callback`` receives
         ``{'x', 'i', 't', 'denoised'}`` after every step and may raise to cancel. ``batch_cfg``
         runs the two guidance branches as one batch of 2 (same math, one UNet call per step).
         """
@@ -147,7 +163,7 @@ class SamplerDynamicTSNR(nn.Module):
         timesteps = self.get_uniform_trailing_steps(steps)
         timesteps_prev = torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))
 
-        x = torch.randn(latent_shape, generator=generator, device=device, dtype=dtype)
+        x = batch_randn(latent_shape, generator, device, dtype)
 
         alphas = self.alphas_cumprod[timesteps]
         alphas_prev = self.alphas_cumprod[timesteps_prev]
@@ -173,7 +189,7 @@ class SamplerDynamicTSNR(nn.Module):
             pred_x0 = pred_x0 * rescale
 
             dir_xt = ddim_direction_scale(a_prev, sigma_t) * e_t
-            noise = sigma_t * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = sigma_t * batch_randn(x.shape, generator, x.device, x.dtype)
             x = a_prev.sqrt() * pred_x0 + dir_xt + noise
             if callback is not None:
                 callback({"x": x, "i": i, "t": t, "denoised": pred_x0})

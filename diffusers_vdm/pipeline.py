@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .cuda_graphs import CUDAGraphRunner
-from .dynamic_tsnr_sampler import SamplerDynamicTSNR
+from .dynamic_tsnr_sampler import Generators, SamplerDynamicTSNR
 from .improved_clip_vision import ImprovedCLIPVisionModelWithProjection
 from .loading import load_module_folder, load_transformers_model, resolve_model_folder
 from .modeling import module_device, module_dtype
@@ -175,26 +175,32 @@ class LatentVideoDiffusionPipeline:
         fs: int | torch.Tensor = 3,
         progress_tqdm: Optional[Callable] = None,
         callback: Optional[Callable[[dict], None]] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         batch_cfg: bool = False,
     ) -> torch.Tensor:
         """Sample video latents (batch_size, 4, t, h, w) with classifier-free guidance.
 
         Random numbers come from the global RNG as in the original (seed with ``torch.manual_seed``)
-        unless ``generator`` is given.
+        unless ``generator`` is given: one, or one per batch entry. Conditions with a batch of one
+        serve every entry; ``concat_cond`` may hold one clip per entry (several keyframe pairs
+        sampled together).
         """
         device, dtype = module_device(self.unet), module_dtype(self.unet)
         sampler = SamplerDynamicTSNR(self.sampling_unet())
 
         concat_cond = concat_cond.repeat(batch_size, 1, 1, 1, 1).to(device=device, dtype=dtype)
-        positive_text_cond = positive_text_cond.repeat(batch_size, 1, 1).to(concat_cond)
-        negative_text_cond = negative_text_cond.repeat(batch_size, 1, 1).to(concat_cond)
-        positive_image_cond = positive_image_cond.repeat(batch_size, 1, 1, 1).to(concat_cond)
-        negative_image_cond = negative_image_cond.repeat(batch_size, 1, 1, 1).to(concat_cond)
-        if isinstance(fs, torch.Tensor):
-            fs = fs.repeat(batch_size).to(dtype=torch.long, device=device)
-        else:
-            fs = torch.tensor([fs] * batch_size, dtype=torch.long, device=device)
+        entries = concat_cond.shape[0]
+
+        def per_entry(cond: torch.Tensor) -> torch.Tensor:
+            if entries % cond.shape[0]:
+                raise ValueError(f"A condition for {cond.shape[0]} clips does not fit a batch of {entries}.")
+            return cond.repeat(entries // cond.shape[0], *([1] * (cond.dim() - 1)))
+
+        positive_text_cond = per_entry(positive_text_cond).to(concat_cond)
+        negative_text_cond = per_entry(negative_text_cond).to(concat_cond)
+        positive_image_cond = per_entry(positive_image_cond).to(concat_cond)
+        negative_image_cond = per_entry(negative_image_cond).to(concat_cond)
+        fs = per_entry(torch.as_tensor(fs).reshape(-1)).to(dtype=torch.long, device=device)
 
         extra_args = dict(
             cfg_scale=guidance_scale,

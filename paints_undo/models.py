@@ -135,6 +135,9 @@ class ModelManager:
     cuda_graphs: bool = False
     #: Run the video UNet channels-last (opt-in, same math; see ``UNet3DModel.set_channels_last``).
     channels_last: bool = False
+    #: Video segments to sample as one batch (opt-in; the same math per segment). The memory
+    #: manager caps it (``MemoryManager.video_segment_batch``); see ``video_segment_batch``.
+    segment_batch: int = 1
     _memory: Optional[MemoryManager] = None
     _single: Optional[SingleFrameModels] = None
     _multi: Optional[MultiFrameModels] = None
@@ -151,6 +154,11 @@ class ModelManager:
     @property
     def use_batch_cfg(self) -> bool:
         return self.memory.batch_cfg_default if self.batch_cfg is None else bool(self.batch_cfg)
+
+    @property
+    def video_segment_batch(self) -> int:
+        """Video segments sampled together: ``segment_batch`` as far as the VRAM mode allows."""
+        return self.memory.video_segment_batch(self.segment_batch)
 
     @property
     def use_cuda_graphs(self) -> bool:

@@ -16,18 +16,25 @@ from .errors import Cancelled
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """``step`` of ``total`` done in ``stage`` ('keyframes' or 'video'); segments count from 0."""
+    """``step`` of ``total`` done in ``stage`` ('keyframes' or 'video'); segments count from 0.
+
+    ``together`` lists the segments sampled as one batch with ``segment`` (the first of them), if any.
+    """
 
     stage: str
     step: int
     total: int
     segment: Optional[int] = None
     segments: Optional[int] = None
+    together: tuple[int, ...] = ()
 
     @property
     def description(self) -> str:
         if self.segment is None:
             return f"Generating key frames ({self.step}/{self.total})"
+        if len(self.together) > 1:
+            which = ", ".join(str(i + 1) for i in self.together)
+            return f"Generating videos ({which} of {self.segments} together): step {self.step}/{self.total}"
         return f"Generating videos ({self.segment + 1}/{self.segments}): step {self.step}/{self.total}"
 
 
@@ -64,11 +71,11 @@ class RunControl:
             self.progress(event)
 
     def sampler_callback(self, stage: str, total: int, segment: Optional[int] = None,
-                         segments: Optional[int] = None) -> Callable[[dict], None]:
+                         segments: Optional[int] = None, together: tuple[int, ...] = ()) -> Callable[[dict], None]:
         """A sampler ``callback``: one progress event per finished step, then the cancel check."""
 
         def callback(info: dict) -> None:
-            self.report(ProgressEvent(stage, int(info["i"]) + 1, total, segment, segments))
+            self.report(ProgressEvent(stage, int(info["i"]) + 1, total, segment, segments, together))
             self.check()
 
         return callback

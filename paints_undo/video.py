@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, OutOfMemory
 from .images import ImageSource, find_best_bucket, load_image_rgb, numpy2pytorch, resize_and_center_crop
 from .models import ModelManager, default_manager
 from .progress import CancelFlag, ProgressCallback, ProgressEvent, RunControl
@@ -143,6 +143,117 @@ class _ConditionCache:
         self.negative_image: dict[tuple[int, int], torch.Tensor] = {}
 
 
+@dataclass
+class _PairConditions:
+    """What the video model is conditioned on for one keyframe pair (one segment)."""
+
+    cropped: tuple[np.ndarray, np.ndarray]
+    positive_image: torch.Tensor  # (1, 2, tokens, d) after the Resampler
+    negative_image: torch.Tensor
+    concat: torch.Tensor  # (1, 4, 16, h, w): first and last latent, zeros between
+    vae_hidden_states: list[torch.Tensor]
+    seed: int
+
+
+def _condition_pair(
+    image_1: np.ndarray, image_2: np.ndarray, seed: int, *, models: ModelManager,
+    buckets: Sequence[tuple[int, int]], control: RunControl, cache: _ConditionCache,
+) -> _PairConditions:
+    """Crop a keyframe pair to its bucket and encode it: CLIP-vision tokens through the Resampler, and
+    the VAE latents and encoder features of both frames."""
+    memory = models.memory
+    pipe = models.multi_frame().pipeline
+    target_height, target_width = find_best_bucket(image_1.shape[0], image_1.shape[1], options=buckets)
+    image_1 = resize_and_center_crop(image_1, target_width=target_width, target_height=target_height)
+    image_2 = resize_and_center_crop(image_2, target_width=target_width, target_height=target_height)
+    input_frames = numpy2pytorch([image_1, image_2]).unsqueeze(0).movedim(1, 2)  # (1, 3, 2, h, w)
+
+    memory.load_models_to_gpu([pipe.image_projection, pipe.image_encoder])
+    frames = input_frames.to(device=pipe.image_encoder.device, dtype=pipe.image_encoder.dtype)
+    positive_image = pipe.image_projection(pipe.encode_clip_vision(frames))
+    key = (target_height, target_width)
+    if key not in cache.negative_image:
+        cache.negative_image[key] = pipe.image_projection(pipe.encode_clip_vision(torch.zeros_like(frames)))
+    control.check()
+
+    memory.load_models_to_gpu([pipe.vae])
+    frames = input_frames.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+    latents_2, vae_hidden_states = pipe.encode_latents(frames, return_hidden_states=True)
+    first, last = latents_2[:, :, 0], latents_2[:, :, 1]
+    concat = torch.stack([first] + [torch.zeros_like(first)] * (FRAMES_PER_SEGMENT - 2) + [last], dim=2)
+    control.check()
+    return _PairConditions((image_1, image_2), positive_image, cache.negative_image[key], concat,
+                           vae_hidden_states, seed)
+
+
+def _text_conditions(prompt: str, models: ModelManager, cache: _ConditionCache) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = models.multi_frame().pipeline
+    if prompt not in cache.text or "" not in cache.text:
+        models.memory.load_models_to_gpu(pipe.text_encoder)
+        cache.text[prompt] = pipe.encode_cropped_prompt_77tokens(prompt)
+        cache.text[""] = pipe.encode_cropped_prompt_77tokens("")
+    return cache.text[prompt], cache.text[""]
+
+
+def interpolate_pairs(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    prompt: str,
+    seeds: Sequence[int],
+    steps: int,
+    cfg: float,
+    *,
+    models: ModelManager,
+    buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS,
+    fs: int = FRAME_STRIDE,
+    control: Optional[RunControl] = None,
+    segments: Sequence[int] = (0,),
+    count: int = 1,
+    cache: Optional[_ConditionCache] = None,
+) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+    """The original ``process_video_inner`` for several keyframe pairs (of one bucket) at once.
+
+    The pairs are sampled as one batch, each with its own seed's generator, so each gets the noise
+    and the result its own run gets: the math is per clip. Returns per pair its frames
+    (1, 3, 16, h, w) and both cropped keyframes.
+    """
+    control = control or RunControl()
+    cache = cache or _ConditionCache()
+    memory = models.memory
+    pipe = models.multi_frame().pipeline
+
+    positive_text, negative_text = _text_conditions(prompt, models, cache)
+    control.check()
+    conditions = [_condition_pair(image_1, image_2, seed, models=models, buckets=buckets, control=control, cache=cache)
+                  for (image_1, image_2), seed in zip(pairs, seeds)]
+    if len({c.concat.shape for c in conditions}) != 1:
+        raise ValueError("Keyframe pairs sampled together must share a bucket.")
+
+    memory.load_models_to_gpu([pipe.unet])
+    # The original seeded the global RNGs with ``seed`` and the sampler drew from them; a private
+    # generator seeded the same way on the same device gives the same numbers, thread-safely.
+    generators = [torch.Generator(device=pipe.unet.device).manual_seed(c.seed) for c in conditions]
+    together = tuple(segments) if len(segments) > 1 else ()
+    control.report(ProgressEvent("video", 0, steps, segments[0], count, together))
+    latents = pipe(
+        batch_size=1,
+        steps=steps,
+        guidance_scale=cfg,
+        positive_text_cond=positive_text,
+        negative_text_cond=negative_text,
+        positive_image_cond=torch.cat([c.positive_image for c in conditions]),
+        negative_image_cond=torch.cat([c.negative_image for c in conditions]),
+        concat_cond=torch.cat([c.concat for c in conditions]),
+        fs=fs,
+        progress_tqdm=control.progress_tqdm,
+        callback=control.sampler_callback("video", steps, segments[0], count, together),
+        generator=generators[0] if len(generators) == 1 else generators,
+        batch_cfg=models.use_batch_cfg,
+    )
+
+    memory.load_models_to_gpu([pipe.vae])
+    return [(pipe.decode_latents(latents[i:i + 1], c.vae_hidden_states), *c.cropped) for i, c in enumerate(conditions)]
+
+
 def interpolate_pair(
     image_1: np.ndarray,
     image_2: np.ndarray,
@@ -160,63 +271,24 @@ def interpolate_pair(
     cache: Optional[_ConditionCache] = None,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """The original ``process_video_inner``: 16 frames from ``image_1`` to ``image_2`` (1, 3, 16, h, w)."""
-    control = control or RunControl()
-    cache = cache or _ConditionCache()
-    memory = models.memory
-    pipe = models.multi_frame().pipeline
+    (result,) = interpolate_pairs([(image_1, image_2)], prompt, [seed], steps, cfg, models=models, buckets=buckets,
+                                  fs=fs, control=control, segments=(segment,), count=segments, cache=cache)
+    return result
 
-    target_height, target_width = find_best_bucket(image_1.shape[0], image_1.shape[1], options=buckets)
-    image_1 = resize_and_center_crop(image_1, target_width=target_width, target_height=target_height)
-    image_2 = resize_and_center_crop(image_2, target_width=target_width, target_height=target_height)
-    input_frames = numpy2pytorch([image_1, image_2]).unsqueeze(0).movedim(1, 2)  # (1, 3, 2, h, w)
 
-    if prompt not in cache.text or "" not in cache.text:
-        memory.load_models_to_gpu(pipe.text_encoder)
-        cache.text[prompt] = pipe.encode_cropped_prompt_77tokens(prompt)
-        cache.text[""] = pipe.encode_cropped_prompt_77tokens("")
-    positive_text_cond, negative_text_cond = cache.text[prompt], cache.text[""]
-    control.check()
-
-    memory.load_models_to_gpu([pipe.image_projection, pipe.image_encoder])
-    frames = input_frames.to(device=pipe.image_encoder.device, dtype=pipe.image_encoder.dtype)
-    positive_image_cond = pipe.image_projection(pipe.encode_clip_vision(frames))
-    key = (target_height, target_width)
-    if key not in cache.negative_image:
-        cache.negative_image[key] = pipe.image_projection(pipe.encode_clip_vision(torch.zeros_like(frames)))
-    negative_image_cond = cache.negative_image[key]
-    control.check()
-
-    memory.load_models_to_gpu([pipe.vae])
-    frames = input_frames.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-    latents_2, vae_hidden_states = pipe.encode_latents(frames, return_hidden_states=True)
-    first, last = latents_2[:, :, 0], latents_2[:, :, 1]
-    concat_cond = torch.stack([first] + [torch.zeros_like(first)] * (FRAMES_PER_SEGMENT - 2) + [last], dim=2)
-    control.check()
-
-    memory.load_models_to_gpu([pipe.unet])
-    # The original seeded the global RNGs with ``seed`` and the sampler drew from them; a private
-    # generator seeded the same way on the same device gives the same numbers, thread-safely.
-    generator = torch.Generator(device=pipe.unet.device).manual_seed(seed)
-    control.report(ProgressEvent("video", 0, steps, segment, segments))
-    latents = pipe(
-        batch_size=1,
-        steps=steps,
-        guidance_scale=cfg,
-        positive_text_cond=positive_text_cond,
-        negative_text_cond=negative_text_cond,
-        positive_image_cond=positive_image_cond,
-        negative_image_cond=negative_image_cond,
-        concat_cond=concat_cond,
-        fs=fs,
-        progress_tqdm=control.progress_tqdm,
-        callback=control.sampler_callback("video", steps, segment, segments),
-        generator=generator,
-        batch_cfg=models.use_batch_cfg,
-    )
-
-    memory.load_models_to_gpu([pipe.vae])
-    video = pipe.decode_latents(latents, vae_hidden_states)
-    return video, image_1, image_2
+def _segment_groups(images: Sequence[np.ndarray], pending: Sequence[int], size: int,
+                    buckets: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Pending segments in order, in runs of up to ``size`` that share a bucket (sampled together)."""
+    groups: list[list[int]] = []
+    previous_bucket = None
+    for i in pending:
+        bucket = find_best_bucket(images[i].shape[0], images[i].shape[1], options=buckets)
+        if groups and len(groups[-1]) < size and bucket == previous_bucket:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        previous_bucket = bucket
+    return groups
 
 
 def iter_video_segments(
@@ -236,7 +308,8 @@ def iter_video_segments(
 
     Segments come in processing order (pair 0 first), which is the *end* of the final video;
     ``segment.position`` says where each one goes. ``skip`` lists segment indices not to compute
-    (the caller already has them, e.g. when resuming).
+    (the caller already has them, e.g. when resuming). Where the memory manager allows it
+    (``ModelManager.segment_batch``), several segments are sampled as one batch and come together.
     """
     steps, cfg, seed = _validate(keyframes, steps, cfg, seed)
     buckets = parse_buckets(buckets)
@@ -247,15 +320,35 @@ def iter_video_segments(
     cache = _ConditionCache()
     check_buckets_fit(buckets, models.multi_frame().pipeline.unet)
     count = len(images) - 1
-    for i, (im1, im2) in enumerate(zip(images[:-1], images[1:])):
-        if i in skip:
-            continue
+    pending = [i for i in range(count) if i not in skip]
+    batch = models.video_segment_batch
+    queue = _segment_groups(images, pending, batch, buckets)
+    while queue:
+        group = queue.pop(0)
         control.check()
-        with out_of_memory_guard(models), torch.inference_mode():
-            video, c1, c2 = interpolate_pair(im1, im2, prompt, seed + i, steps, cfg, models=models, buckets=buckets,
-                                             control=control, segment=i, segments=count, cache=cache)
-            frames = to_uint8_frames(video[:, :, :-1])[::-1].copy()
-        yield VideoSegment(index=i, count=count, frames=frames, cropped=(c1, c2), bucket=tuple(c1.shape[:2]))
+        try:
+            with out_of_memory_guard(models), torch.inference_mode():
+                if len(group) == 1:
+                    i = group[0]
+                    results = [interpolate_pair(images[i], images[i + 1], prompt, seed + i, steps, cfg, models=models,
+                                                buckets=buckets, control=control, segment=i, segments=count,
+                                                cache=cache)]
+                else:
+                    results = interpolate_pairs([(images[i], images[i + 1]) for i in group], prompt,
+                                                [seed + i for i in group], steps, cfg, models=models, buckets=buckets,
+                                                control=control, segments=group, count=count, cache=cache)
+                made = [(i, to_uint8_frames(video[:, :, :-1])[::-1].copy(), c1, c2)
+                        for i, (video, c1, c2) in zip(group, results)]
+        except OutOfMemory:
+            if len(group) == 1:
+                raise
+            # The same segments one at a time, and no batches for the rest of this run.
+            logger.warning("Sampling %d video segments together ran out of memory; going on one at a time.",
+                           len(group))
+            queue = [[i] for i in group] + [[i] for rest in queue for i in rest]
+            continue
+        for i, frames, c1, c2 in made:
+            yield VideoSegment(index=i, count=count, frames=frames, cropped=(c1, c2), bucket=tuple(c1.shape[:2]))
 
 
 def assemble_video(segments: Sequence[VideoSegment]) -> np.ndarray:

@@ -94,6 +94,20 @@ def test_guidance_branches_are_batched_where_memory_allows(fake_cuda, free_gib, 
     assert not mm.MemoryManager.create(device="cpu").batch_cfg_default
 
 
+def test_segments_are_sampled_together_only_in_high_mode_and_as_far_as_memory_holds(fake_cuda):
+    cpu = torch.device("cpu")
+    assert mm.MemoryManager(device=cpu, vram_mode="high").video_segment_batch(7) == 7
+    assert mm.MemoryManager(device=cpu, vram_mode="high").video_segment_batch(0) == 1
+    assert mm.MemoryManager(device=cpu, vram_mode="normal").video_segment_batch(7) == 1
+    assert mm.MemoryManager(device=cpu, vram_mode="low").video_segment_batch(7) == 1
+    # On a GPU: a 24 GB card (22.5 GiB free) holds 4 segments at once, an 80 GB one all 7.
+    for free_gib, expected in ((22.5, 4), (79, 7), (16, 1)):
+        fake_cuda["free"] = int(free_gib * GiB)
+        assert mm.MemoryManager.create(vram_mode="high").video_segment_batch(7) == expected, free_gib
+    fake_cuda["free"] = 79 * GiB
+    assert mm.MemoryManager.create(vram_mode="normal").video_segment_batch(7) == 1
+
+
 def test_forced_vram_mode_and_cpu_default(fake_cuda):
     fake_cuda["free"] = 1 * GiB
     assert mm.decide_vram_mode(torch.device("cuda"), "high") == "high"

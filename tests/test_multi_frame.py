@@ -30,7 +30,9 @@ from diffusers_vdm import (
     VideoAutoencoderKL,
 )
 from diffusers_vdm.vae import TimeStackBlock
-from diffusers_vdm.dynamic_tsnr_sampler import ddim_direction_scale, ddim_sigmas, uniform_trailing_timesteps
+from diffusers_vdm.dynamic_tsnr_sampler import (
+    batch_randn, ddim_direction_scale, ddim_sigmas, uniform_trailing_timesteps,
+)
 from diffusers_vdm.loading import IncompatibleCheckpointError, ModelFilesNotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,6 +312,46 @@ def test_mf_sampler_batched_cfg_matches_two_passes(pipe):
     latents = SamplerDynamicTSNR(pipe.unet)(t["concat_cond"].shape, case["config"]["steps"],
                                             extra_args=_sampler_extra_args(t, 1), batch_cfg=True)
     assert_close(latents, t["latents"], case["tolerance"], "mf_sampler/latents_batched_cfg")
+
+
+def test_batch_randn_draws_what_each_generator_draws_alone():
+    shape = (3, 4, 2, 5, 6)
+    seeds = (7, 8, 9)
+    together = [torch.Generator().manual_seed(s) for s in seeds]
+    alone = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):  # every later draw too, as the sampler draws once per step
+        drawn = batch_randn(shape, together, torch.device("cpu"), torch.float32)
+        expected = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in alone])
+        assert torch.equal(drawn, expected)
+    one = torch.Generator().manual_seed(1)
+    assert torch.equal(batch_randn(shape, one, torch.device("cpu"), torch.float32),
+                       torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        batch_randn(shape, together[:2], torch.device("cpu"), torch.float32)
+
+
+def test_pipeline_samples_several_clips_as_each_alone(pipe):
+    """Segment batching: clips with their own conditions and seeds, sampled as one batch, get each
+    clip's own result (the conditions shared by all clips are given once)."""
+    _, t = load_case("mf_sampler")
+    first = {k: t[k][:1] for k in ("concat_cond", "positive_image_cond", "negative_image_cond",
+                                   "positive_text_cond", "negative_text_cond")}
+    g = torch.Generator().manual_seed(3)
+    concat = torch.cat([first["concat_cond"], torch.randn(first["concat_cond"].shape, generator=g)])
+    image = torch.cat([first["positive_image_cond"], torch.randn(first["positive_image_cond"].shape, generator=g)])
+    common = dict(steps=2, guidance_scale=7.5, positive_text_cond=first["positive_text_cond"],
+                  negative_text_cond=first["negative_text_cond"], negative_image_cond=first["negative_image_cond"],
+                  fs=3)
+    together = pipe(positive_image_cond=image, concat_cond=concat,
+                    generator=[torch.Generator().manual_seed(s) for s in (11, 12)], **common)
+    for i, seed in enumerate((11, 12)):
+        alone = pipe(positive_image_cond=image[i:i + 1], concat_cond=concat[i:i + 1],
+                     generator=torch.Generator().manual_seed(seed), **common)
+        assert (together[i:i + 1] - alone).abs().max().item() < 1e-4  # float32 noise of other batch sizes
+    assert (together[0] - together[1]).abs().max().item() > 0.01  # two different clips
+    with pytest.raises(ValueError, match="does not fit a batch of 2"):
+        pipe(positive_image_cond=torch.cat([image, image[:1]]), concat_cond=concat,
+             generator=[torch.Generator().manual_seed(s) for s in (11, 12)], **common)
 
 
 def test_pipeline_call_matches_sampler_golden(pipe):

@@ -268,6 +268,70 @@ def test_mf_pipeline_e2e_golden_channels_last_in_low_vram(tiny_models_dir, monke
     assert diff <= case["tolerance"]["output_frames_uint8"]["atol"]
 
 
+def test_mf_pipeline_e2e_golden_with_segments_sampled_together(tiny_models_dir):
+    """Segment batching (high VRAM mode): both segments in one sampler batch give the original's video."""
+    case, t = load_case("mf_pipeline_e2e")
+    cfg = case["config"]
+    manager = ModelManager(sources=ModelSources(models_dir=tiny_models_dir), vram_mode="high", segment_batch=4)
+    assert manager.video_segment_batch == 4
+    events = []
+    keyframes = [GOLDEN / "mf_pipeline_e2e" / f"keyframe_{i}.png" for i in range(cfg["n_keyframes"])]
+    calls = []
+    pipe = manager.multi_frame().pipeline
+    real_call = type(pipe).__call__
+
+    def spy(self, **kwargs):
+        calls.append(kwargs["concat_cond"].shape[0])
+        return real_call(self, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipe), "__call__", spy)
+        result = generate_video(keyframes, cfg["prompt"], cfg["steps"], cfg["cfg"], cfg["seed"],
+                                buckets=cfg["buckets_used"], models=manager, progress=events.append)
+    assert calls == [cfg["n_keyframes"] - 1], "one sampler run for all segments"
+    diff = _uint8_diff(result.frames, t["output_frames_uint8"].numpy())
+    record("mf_pipeline_e2e/output_frames_uint8 (segments sampled together)", diff, "uint8")
+    assert diff <= case["tolerance"]["output_frames_uint8"]["atol"]
+    video_events = [e for e in events if e.stage == "video"]
+    assert video_events and all(e.together == (0, 1) for e in video_events)
+    assert video_events[-1].description == f"Generating videos (1, 2 of 2 together): step {cfg['steps']}/{cfg['steps']}"
+
+
+def test_segment_batches_share_a_bucket_and_skip_finished_segments():
+    from paints_undo.video import _segment_groups
+
+    wide, tall = np.zeros((300, 500, 3), np.uint8), np.zeros((500, 300, 3), np.uint8)
+    buckets = parse_buckets(SMALL_BUCKETS)
+    images = [wide, wide, wide, tall, tall, wide, wide]
+    assert _segment_groups(images, range(6), 2, buckets) == [[0, 1], [2], [3, 4], [5]]
+    assert _segment_groups(images, [0, 2, 5], 4, buckets) == [[0, 2, 5]]
+    assert _segment_groups(images, range(6), 1, buckets) == [[i] for i in range(6)]
+
+
+def test_segments_sampled_together_fall_back_to_one_at_a_time_when_memory_runs_out(tiny_models_dir, monkeypatch,
+                                                                                    caplog):
+    import paints_undo.video as video
+
+    manager = ModelManager(sources=ModelSources(models_dir=tiny_models_dir), vram_mode="high", segment_batch=3)
+    keyframes = [np.full((96, 112, 3), v, np.uint8) for v in (250, 180, 90, 20)]
+    alone = list(iter_video_segments(keyframes, "p", 2, 7.5, 5, buckets=SMALL_BUCKETS,
+                                     models=ModelManager(sources=ModelSources(models_dir=tiny_models_dir))))
+    real = video.interpolate_pairs
+
+    def out_of_memory_when_batched(pairs, *args, **kwargs):
+        if len(pairs) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(video, "interpolate_pairs", out_of_memory_when_batched)
+    with caplog.at_level("WARNING"):
+        segments = list(iter_video_segments(keyframes, "p", 2, 7.5, 5, buckets=SMALL_BUCKETS, models=manager))
+    assert [s.index for s in segments] == [0, 1, 2]
+    assert "going on one at a time" in caplog.text
+    for got, expected in zip(segments, alone):
+        assert _uint8_diff(got.frames, expected.frames) <= 1
+
+
 def test_video_segments_stream_in_order_and_assemble_to_the_video(models):
     case, t = load_case("mf_pipeline_e2e")
     cfg = case["config"]

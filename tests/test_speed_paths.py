@@ -267,6 +267,12 @@ def test_cli_and_app_accept_the_cuda_graph_flags():
     assert parser.parse_args(["x.png"]).channels_last is False
     assert gradio_app.parse_args(["--channels-last"]).channels_last is True
     assert gradio_app.parse_args([]).channels_last is False
+    assert parser.parse_args(["--segment-batch", "7", "x.png"]).segment_batch == 7
+    assert parser.parse_args(["x.png"]).segment_batch == 1
+    assert gradio_app.parse_args(["--segment-batch", "3"]).segment_batch == 3
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--segment-batch", bad, "x.png"])
 
 
 # -- low-VRAM video decoding: temporal mixing band by band -------------------------------------------
