@@ -292,6 +292,8 @@ def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> d
         report["unet_step"][label] = unet_step_peak(configs["mf_unet"], batch, frames, height, width) / GiB
     report["unet_step"]["both guidance branches, channels-last"] = unet_step_peak(
         configs["mf_unet"], 2, frames, height, width, channels_last=True) / GiB
+    report["unet_step"]["both branches of 7 segments sampled together (high, --segment-batch 7)"] = unet_step_peak(
+        configs["mf_unet"], 14, frames, height, width) / GiB
     report["unet_step_work"] = unet_step_work(configs["mf_unet"], 2, frames, height, width)
     report["unet_step_work_channels_last"] = unet_step_work(configs["mf_unet"], 2, frames, height, width,
                                                             channels_last=True)

@@ -106,13 +106,13 @@ def build_models(manager, configs: dict[str, dict], device: torch.device) -> Non
 
 
 def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None, cuda_graphs: bool = False,
-              channels_last: bool = False):
+              channels_last: bool = False, segment_batch: int = 1):
     """A manager in VRAM ``mode`` over the already built models of ``shared`` (built once per run)."""
     from paints_undo.models import ModelManager, SingleFrameModels
     from single_frame import KDiffusionSampler
 
     manager = ModelManager(device=shared.device, vram_mode=mode, compile=shared.compile, batch_cfg=batch_cfg,
-                           cuda_graphs=cuda_graphs, channels_last=channels_last)
+                           cuda_graphs=cuda_graphs, channels_last=channels_last, segment_batch=segment_batch)
     sf = shared._single
     sampler = KDiffusionSampler(sf.unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
                                 batched_cfg=manager.use_batch_cfg)
@@ -312,6 +312,13 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
         finally:
             pipe.unet.set_channels_last(layout_before)
         out["video_latents_channels_last_vs_channels_first_max_abs"] = max_abs(fast_kernels, channels_last)
+        # Two clips sampled as one batch (segment batching), each with its own generator, vs the first alone.
+        pair = dict(kw, positive_image_cond=torch.cat([kw["positive_image_cond"], rnd(b, t, 16, ctx)]),
+                    negative_image_cond=kw["negative_image_cond"].repeat(2, 1, 1, 1),
+                    concat_cond=torch.cat([kw["concat_cond"], rnd(b, 4, t, h // 8, w // 8)]))
+        generators = [torch.Generator(device).manual_seed(seed) for seed in (1, 2)]
+        together = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=generators, batch_cfg=True, **pair)
+        out["video_latents_segment_batch_vs_one_at_a_time_max_abs"] = max_abs(fast_kernels, together[:1].float())
         if device.type == "cuda":
             graphed = sample(batch_cfg=True, graphs=True, reference_kernels=False)
             out["video_latents_cuda_graph_vs_eager_max_abs"] = max_abs(fast_kernels, graphed)
@@ -390,8 +397,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="high,normal,low",
                         help="comma list of high/normal/low, optionally with '-compile', '-graphs', '-nhwc' "
-                             "(the video UNet channels-last) and/or '-twopass' (guidance branches as two UNet "
-                             "calls; e.g. high-compile, low-twopass, high-nhwc)")
+                             "(the video UNet channels-last), '-segbatch' (all video segments sampled as one "
+                             "batch; high mode; always every segment) and/or '-twopass' (guidance branches as "
+                             "two UNet calls; e.g. high-compile, low-twopass, high-nhwc, high-segbatch)")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -464,15 +472,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                 unet.compile()
         two_passes = args.no_batch_cfg or "twopass" in variants
         manager = with_mode(shared, vram_mode, batch_cfg=False if two_passes else None,
-                            cuda_graphs="graphs" in variants, channels_last="nhwc" in variants)
+                            cuda_graphs="graphs" in variants, channels_last="nhwc" in variants,
+                            segment_batch=len(settings.undo_steps) + 1 if "segbatch" in variants else 1)
         mode_settings = JobSettings(**{**settings.__dict__})
-        if index > 0 and args.other_modes_segments:
+        if index > 0 and args.other_modes_segments and "segbatch" not in variants:
             mode_settings.segments = args.other_modes_segments
         if compiled or args.warmup:
             # Compilation, or lazy CUDA init, kernel loading and cuDNN autotuning for this mode's own
             # shapes (decode chunks and bands, one or two guidance calls), outside the timings.
             t0 = time.perf_counter()
-            run_job(manager, short_job, Recorder(device))
+            warmup_job = short_job
+            if "segbatch" in variants:  # the batched shapes: all segments, with few steps
+                warmup_job = JobSettings(**{**short_job.__dict__, "segments": mode_settings.segments})
+            run_job(manager, warmup_job, Recorder(device))
             warmup_seconds = round(time.perf_counter() - t0, 2)
             report["warmup_seconds"] = round(report["warmup_seconds"] + warmup_seconds, 2)
             manager.unload_all()
@@ -481,6 +493,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
                                  "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
                                  "channels_last": manager.channels_last,
+                                 "video_segment_batch": manager.video_segment_batch,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
                                  "vae_decode_band_bytes": manager.memory.vae_decode_band_bytes,
                                  "unet_attention_batch_chunk": manager.memory.unet_attention_batch_chunk}

@@ -36,6 +36,7 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     assert report["compare"]["vae_decode_low_vram_bands_vs_whole_max_abs"] < 1e-4
     assert report["compare"]["vae_decode_abs_max"] > 0.01
     assert report["compare"]["video_latents_channels_last_vs_channels_first_max_abs"] < 1e-3
+    assert report["compare"]["video_latents_segment_batch_vs_one_at_a_time_max_abs"] < 1e-3
     assert low["vae_decode_band_bytes"] == 32 * 2**20
     # The fast clip-norm and split-gate kernels are CUDA-only: on the CPU both settings run the same code.
     assert report["compare"]["video_latents_fast_kernels_vs_reference_kernels_max_abs"] == 0.0
