@@ -38,10 +38,11 @@ NORMAL_VRAM_MIN_FREE = 10 * GiB
 #: smaller cards run the branches one after the other (4.1 GiB).
 LOW_VRAM_BATCH_CFG_MIN_FREE = 7 * GiB
 #: High mode's peak for the default job with one video segment at a time (16.1 GiB reserved in run 2
-#: of ``benchmarks/``, rounded up), and what each further segment sampled in the same batch adds:
+#: of ``benchmarks/``, plus the 1.65 GiB of VAE encoder features that all 7 segments' conditions now
+#: hold from the start: 236 MiB each), and what each further segment sampled in the same batch adds:
 #: 1.61 GiB of video-UNet activations for both guidance branches (counted by
 #: ``benchmarks/activation_memory.py``) plus allocator slack.
-HIGH_VRAM_JOB_PEAK = int(16.5 * GiB)
+HIGH_VRAM_JOB_PEAK = 18 * GiB
 SEGMENT_BATCH_EXTRA = int(1.8 * GiB)
 
 # Runtime dtypes of the original on CUDA. Keys are component roles used across the project.
@@ -245,6 +246,22 @@ class MemoryManager:
     @property
     def keyframe_decode_one_at_a_time(self) -> bool:
         return self.vram_mode == "low"
+
+    #: Keep the video UNet and VAE on the device together while segments are sampled and decoded,
+    #: so that neither moves out and back in for every segment (model moves took 1.5 s per segment
+    #: in normal mode, run 2 of ``benchmarks/``). Normal mode has the room: the VAE's weights are
+    #: 0.19 GiB, and a banded decode beside the UNet (2.7 GiB + about 3 GiB) stays near the batched
+    #: sampler's 4.6 GiB. Low mode, whose budget is 6 GiB, gives each stage the device to itself.
+    @property
+    def video_unet_and_vae_together(self) -> bool:
+        return self.vram_mode != "low"
+
+    #: Where per-segment conditions wait between their encoding and their segment's decode (the VAE
+    #: encoder features, 236 MiB per segment at the default size): on the device in high mode, in
+    #: system memory otherwise.
+    @property
+    def condition_device(self) -> torch.device:
+        return self.device if self.high_vram else self.offload_device
 
     def video_segment_batch(self, requested: int) -> int:
         """Video segments to sample as one batch, given that ``requested`` were asked for.

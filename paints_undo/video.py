@@ -151,39 +151,8 @@ class _PairConditions:
     positive_image: torch.Tensor  # (1, 2, tokens, d) after the Resampler
     negative_image: torch.Tensor
     concat: torch.Tensor  # (1, 4, 16, h, w): first and last latent, zeros between
-    vae_hidden_states: list[torch.Tensor]
+    vae_hidden_states: list[torch.Tensor]  # where ``MemoryManager.condition_device`` says, until the decode
     seed: int
-
-
-def _condition_pair(
-    image_1: np.ndarray, image_2: np.ndarray, seed: int, *, models: ModelManager,
-    buckets: Sequence[tuple[int, int]], control: RunControl, cache: _ConditionCache,
-) -> _PairConditions:
-    """Crop a keyframe pair to its bucket and encode it: CLIP-vision tokens through the Resampler, and
-    the VAE latents and encoder features of both frames."""
-    memory = models.memory
-    pipe = models.multi_frame().pipeline
-    target_height, target_width = find_best_bucket(image_1.shape[0], image_1.shape[1], options=buckets)
-    image_1 = resize_and_center_crop(image_1, target_width=target_width, target_height=target_height)
-    image_2 = resize_and_center_crop(image_2, target_width=target_width, target_height=target_height)
-    input_frames = numpy2pytorch([image_1, image_2]).unsqueeze(0).movedim(1, 2)  # (1, 3, 2, h, w)
-
-    memory.load_models_to_gpu([pipe.image_projection, pipe.image_encoder])
-    frames = input_frames.to(device=pipe.image_encoder.device, dtype=pipe.image_encoder.dtype)
-    positive_image = pipe.image_projection(pipe.encode_clip_vision(frames))
-    key = (target_height, target_width)
-    if key not in cache.negative_image:
-        cache.negative_image[key] = pipe.image_projection(pipe.encode_clip_vision(torch.zeros_like(frames)))
-    control.check()
-
-    memory.load_models_to_gpu([pipe.vae])
-    frames = input_frames.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-    latents_2, vae_hidden_states = pipe.encode_latents(frames, return_hidden_states=True)
-    first, last = latents_2[:, :, 0], latents_2[:, :, 1]
-    concat = torch.stack([first] + [torch.zeros_like(first)] * (FRAMES_PER_SEGMENT - 2) + [last], dim=2)
-    control.check()
-    return _PairConditions((image_1, image_2), positive_image, cache.negative_image[key], concat,
-                           vae_hidden_states, seed)
 
 
 def _text_conditions(prompt: str, models: ModelManager, cache: _ConditionCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,45 +164,89 @@ def _text_conditions(prompt: str, models: ModelManager, cache: _ConditionCache) 
     return cache.text[prompt], cache.text[""]
 
 
-def interpolate_pairs(
+def condition_pairs(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-    prompt: str,
     seeds: Sequence[int],
-    steps: int,
-    cfg: float,
     *,
     models: ModelManager,
     buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS,
-    fs: int = FRAME_STRIDE,
     control: Optional[RunControl] = None,
-    segments: Sequence[int] = (0,),
-    count: int = 1,
     cache: Optional[_ConditionCache] = None,
-) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
-    """The original ``process_video_inner`` for several keyframe pairs (of one bucket) at once.
+) -> list[_PairConditions]:
+    """Crop each keyframe pair to its bucket and encode it: CLIP-vision tokens through the Resampler,
+    then the VAE latents and encoder features of both frames.
 
-    The pairs are sampled as one batch, each with its own seed's generator, so each gets the noise
-    and the result its own run gets: the math is per clip. Returns per pair its frames
-    (1, 3, 16, h, w) and both cropped keyframes.
+    Stage by stage over all pairs (the image encoder for every pair, then the VAE for every pair), so
+    that with one stage resident at a time each model moves to the GPU once per run, not once per
+    segment; the values do not depend on the order.
     """
     control = control or RunControl()
     cache = cache or _ConditionCache()
     memory = models.memory
     pipe = models.multi_frame().pipeline
+    cropped, inputs = [], []
+    for image_1, image_2 in pairs:
+        target_height, target_width = find_best_bucket(image_1.shape[0], image_1.shape[1], options=buckets)
+        image_1 = resize_and_center_crop(image_1, target_width=target_width, target_height=target_height)
+        image_2 = resize_and_center_crop(image_2, target_width=target_width, target_height=target_height)
+        cropped.append((image_1, image_2))
+        inputs.append(numpy2pytorch([image_1, image_2]).unsqueeze(0).movedim(1, 2))  # (1, 3, 2, h, w)
 
-    positive_text, negative_text = _text_conditions(prompt, models, cache)
-    control.check()
-    conditions = [_condition_pair(image_1, image_2, seed, models=models, buckets=buckets, control=control, cache=cache)
-                  for (image_1, image_2), seed in zip(pairs, seeds)]
+    memory.load_models_to_gpu([pipe.image_projection, pipe.image_encoder])
+    positive_images, negative_images = [], []
+    for input_frames in inputs:
+        frames = input_frames.to(device=pipe.image_encoder.device, dtype=pipe.image_encoder.dtype)
+        positive_images.append(pipe.image_projection(pipe.encode_clip_vision(frames)))
+        key = tuple(frames.shape[-2:])
+        if key not in cache.negative_image:
+            cache.negative_image[key] = pipe.image_projection(pipe.encode_clip_vision(torch.zeros_like(frames)))
+        negative_images.append(cache.negative_image[key])
+        control.check()
+
+    memory.load_models_to_gpu([pipe.vae])
+    conditions = []
+    for pair, input_frames, positive, negative, seed in zip(cropped, inputs, positive_images, negative_images, seeds):
+        frames = input_frames.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+        latents_2, hidden_states = pipe.encode_latents(frames, return_hidden_states=True)
+        first, last = latents_2[:, :, 0], latents_2[:, :, 1]
+        concat = torch.stack([first] + [torch.zeros_like(first)] * (FRAMES_PER_SEGMENT - 2) + [last], dim=2)
+        hidden_states = [h.to(memory.condition_device) for h in hidden_states]
+        conditions.append(_PairConditions(pair, positive, negative, concat, hidden_states, seed))
+        control.check()
+    return conditions
+
+
+def sample_segments(
+    conditions: Sequence[_PairConditions],
+    text: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    cfg: float,
+    *,
+    models: ModelManager,
+    fs: int = FRAME_STRIDE,
+    control: Optional[RunControl] = None,
+    segments: Sequence[int] = (0,),
+    count: int = 1,
+) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+    """Sample and decode the segments of ``conditions`` (one bucket) as one batch.
+
+    Each segment draws its noise from its own seed's generator, so each gets the result its own
+    run gets: the math is per clip. Returns per segment its frames (1, 3, 16, h, w) and both
+    cropped keyframes.
+    """
+    control = control or RunControl()
+    memory = models.memory
+    pipe = models.multi_frame().pipeline
     if len({c.concat.shape for c in conditions}) != 1:
         raise ValueError("Keyframe pairs sampled together must share a bucket.")
-
-    memory.load_models_to_gpu([pipe.unet])
+    sampling_and_decoding = [pipe.unet, pipe.vae] if memory.video_unet_and_vae_together else [pipe.unet]
+    memory.load_models_to_gpu(sampling_and_decoding)
     # The original seeded the global RNGs with ``seed`` and the sampler drew from them; a private
     # generator seeded the same way on the same device gives the same numbers, thread-safely.
     generators = [torch.Generator(device=pipe.unet.device).manual_seed(c.seed) for c in conditions]
     together = tuple(segments) if len(segments) > 1 else ()
     control.report(ProgressEvent("video", 0, steps, segments[0], count, together))
+    positive_text, negative_text = text
     latents = pipe(
         batch_size=1,
         steps=steps,
@@ -249,31 +262,8 @@ def interpolate_pairs(
         generator=generators[0] if len(generators) == 1 else generators,
         batch_cfg=models.use_batch_cfg,
     )
-
-    memory.load_models_to_gpu([pipe.vae])
+    memory.load_models_to_gpu(sampling_and_decoding if memory.video_unet_and_vae_together else [pipe.vae])
     return [(pipe.decode_latents(latents[i:i + 1], c.vae_hidden_states), *c.cropped) for i, c in enumerate(conditions)]
-
-
-def interpolate_pair(
-    image_1: np.ndarray,
-    image_2: np.ndarray,
-    prompt: str,
-    seed: int,
-    steps: int,
-    cfg: float,
-    *,
-    models: ModelManager,
-    buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS,
-    fs: int = FRAME_STRIDE,
-    control: Optional[RunControl] = None,
-    segment: int = 0,
-    segments: int = 1,
-    cache: Optional[_ConditionCache] = None,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The original ``process_video_inner``: 16 frames from ``image_1`` to ``image_2`` (1, 3, 16, h, w)."""
-    (result,) = interpolate_pairs([(image_1, image_2)], prompt, [seed], steps, cfg, models=models, buckets=buckets,
-                                  fs=fs, control=control, segments=(segment,), count=segments, cache=cache)
-    return result
 
 
 def _segment_groups(images: Sequence[np.ndarray], pending: Sequence[int], size: int,
@@ -321,22 +311,22 @@ def iter_video_segments(
     check_buckets_fit(buckets, models.multi_frame().pipeline.unet)
     count = len(images) - 1
     pending = [i for i in range(count) if i not in skip]
-    batch = models.video_segment_batch
-    queue = _segment_groups(images, pending, batch, buckets)
+    if not pending:
+        return
+    with out_of_memory_guard(models), torch.inference_mode():
+        text = _text_conditions(prompt, models, cache)
+        control.check()
+        conditions = dict(zip(pending, condition_pairs([(images[i], images[i + 1]) for i in pending],
+                                                       [seed + i for i in pending], models=models, buckets=buckets,
+                                                       control=control, cache=cache)))
+    queue = _segment_groups(images, pending, models.video_segment_batch, buckets)
     while queue:
         group = queue.pop(0)
         control.check()
         try:
             with out_of_memory_guard(models), torch.inference_mode():
-                if len(group) == 1:
-                    i = group[0]
-                    results = [interpolate_pair(images[i], images[i + 1], prompt, seed + i, steps, cfg, models=models,
-                                                buckets=buckets, control=control, segment=i, segments=count,
-                                                cache=cache)]
-                else:
-                    results = interpolate_pairs([(images[i], images[i + 1]) for i in group], prompt,
-                                                [seed + i for i in group], steps, cfg, models=models, buckets=buckets,
-                                                control=control, segments=group, count=count, cache=cache)
+                results = sample_segments([conditions[i] for i in group], text, steps, cfg, models=models,
+                                          control=control, segments=group, count=count)
                 made = [(i, to_uint8_frames(video[:, :, :-1])[::-1].copy(), c1, c2)
                         for i, (video, c1, c2) in zip(group, results)]
         except OutOfMemory:
@@ -348,6 +338,7 @@ def iter_video_segments(
             queue = [[i] for i in group] + [[i] for rest in queue for i in rest]
             continue
         for i, frames, c1, c2 in made:
+            del conditions[i]
             yield VideoSegment(index=i, count=count, frames=frames, cropped=(c1, c2), bucket=tuple(c1.shape[:2]))
 
 

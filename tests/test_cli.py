@@ -65,7 +65,8 @@ def _count_calls(monkeypatch, module, name, fail_at=None):
     real = getattr(module, name)
 
     def wrapper(*args, **kwargs):
-        calls.append(kwargs.get("segment", len(calls)))
+        segments = kwargs.get("segments")
+        calls.append(segments[0] if isinstance(segments, (list, tuple)) else kwargs.get("segment", len(calls)))
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
@@ -83,7 +84,7 @@ def test_cli_resumes_after_interrupt(tiny_models_dir, picture, tmp_path, monkeyp
     out = tmp_path / "out"
     args = [str(picture), "-o", str(out), "--prompt", "a cat", *FAST]
 
-    pairs = _count_calls(monkeypatch, video, "interpolate_pair", fail_at=2)
+    pairs = _count_calls(monkeypatch, video, "sample_segments", fail_at=2)
     assert cli.main(args) == 130
     assert "interrupted" in capsys.readouterr().err
     assert len(pairs) == 2
@@ -94,7 +95,7 @@ def test_cli_resumes_after_interrupt(tiny_models_dir, picture, tmp_path, monkeyp
     monkeypatch.setenv("PAINTS_UNDO_MODELS_DIR", str(tiny_models_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     made_keyframes = _count_calls(monkeypatch, keyframes, "generate_keyframes")
-    pairs = _count_calls(monkeypatch, video, "interpolate_pair")
+    pairs = _count_calls(monkeypatch, video, "sample_segments")
     assert cli.main(args) == 0
     assert made_keyframes == [] and pairs == [1], "only the unfinished segment is computed again"
     resumed = read_video_frames(out / "my_picture" / "my_picture.mp4")

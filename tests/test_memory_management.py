@@ -100,8 +100,8 @@ def test_segments_are_sampled_together_only_in_high_mode_and_as_far_as_memory_ho
     assert mm.MemoryManager(device=cpu, vram_mode="high").video_segment_batch(0) == 1
     assert mm.MemoryManager(device=cpu, vram_mode="normal").video_segment_batch(7) == 1
     assert mm.MemoryManager(device=cpu, vram_mode="low").video_segment_batch(7) == 1
-    # On a GPU: a 24 GB card (22.5 GiB free) holds 4 segments at once, an 80 GB one all 7.
-    for free_gib, expected in ((22.5, 4), (79, 7), (16, 1)):
+    # On a GPU: a 24 GB card (22.5 GiB free) holds 3 segments at once, an 80 GB one all 7.
+    for free_gib, expected in ((22.5, 3), (79, 7), (16, 1)):
         fake_cuda["free"] = int(free_gib * GiB)
         assert mm.MemoryManager.create(vram_mode="high").video_segment_batch(7) == expected, free_gib
     fake_cuda["free"] = 79 * GiB

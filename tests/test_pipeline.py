@@ -316,20 +316,47 @@ def test_segments_sampled_together_fall_back_to_one_at_a_time_when_memory_runs_o
     keyframes = [np.full((96, 112, 3), v, np.uint8) for v in (250, 180, 90, 20)]
     alone = list(iter_video_segments(keyframes, "p", 2, 7.5, 5, buckets=SMALL_BUCKETS,
                                      models=ModelManager(sources=ModelSources(models_dir=tiny_models_dir))))
-    real = video.interpolate_pairs
+    real = video.sample_segments
 
-    def out_of_memory_when_batched(pairs, *args, **kwargs):
-        if len(pairs) > 1:
+    def out_of_memory_when_batched(conditions, *args, **kwargs):
+        if len(conditions) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return real(pairs, *args, **kwargs)
+        return real(conditions, *args, **kwargs)
 
-    monkeypatch.setattr(video, "interpolate_pairs", out_of_memory_when_batched)
+    monkeypatch.setattr(video, "sample_segments", out_of_memory_when_batched)
     with caplog.at_level("WARNING"):
         segments = list(iter_video_segments(keyframes, "p", 2, 7.5, 5, buckets=SMALL_BUCKETS, models=manager))
     assert [s.index for s in segments] == [0, 1, 2]
     assert "going on one at a time" in caplog.text
     for got, expected in zip(segments, alone):
         assert _uint8_diff(got.frames, expected.frames) <= 1
+
+
+@pytest.mark.parametrize("mode, unet_loads, vae_loads", [("normal", 1, 1), ("low", 3, 4)])
+def test_video_models_move_to_the_device_once_per_run_not_per_segment(tiny_models_dir, monkeypatch, mode,
+                                                                     unet_loads, vae_loads):
+    """Conditions are computed stage by stage over all segments, and in normal mode the UNet and VAE
+    stay on the device together: each model moves once per run (low mode still gives each stage the
+    device alone, so there the UNet comes back for each of the 3 segments)."""
+    manager = ModelManager(sources=ModelSources(models_dir=tiny_models_dir), vram_mode=mode)
+    pipe = manager.multi_frame().pipeline
+    loads = {"unet": 0, "vae": 0, "image_encoder": 0, "text_encoder": 0}
+    for name in loads:
+        module = getattr(pipe, name)
+        real_to = module.to
+
+        def counting_to(*args, _name=name, _real=real_to, **kwargs):
+            target = args[0] if args else kwargs.get("device")
+            if target is not None and torch.device(target) == manager.memory.device and \
+                    not any(m is getattr(pipe, _name) for m in manager.memory.resident_models):
+                loads[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "to", counting_to)
+    keyframes = [np.full((96, 112, 3), v, np.uint8) for v in (250, 180, 90, 20)]
+    segments = list(iter_video_segments(keyframes, "p", 2, 7.5, 5, buckets=SMALL_BUCKETS, models=manager))
+    assert [s.index for s in segments] == [0, 1, 2]
+    assert loads == {"unet": unet_loads, "vae": vae_loads, "image_encoder": 1, "text_encoder": 1}
 
 
 def test_video_segments_stream_in_order_and_assemble_to_the_video(models):
