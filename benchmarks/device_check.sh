@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One lent-GPU session of issue 7's measurements (see benchmarks/README.md), results under $OUT:
-#   1. the whole default job in high mode (+ --compare), then one segment in normal and in low mode,
-#      low both batched (>= 7 GiB free) and as two passes (smaller cards); their memory peaks
-#      (banded video decode); one segment in high mode with the video UNet channels-last; the whole
-#      job in high mode with all segments sampled as one batch                -> job.json
+#   1. the whole default job in high mode (+ --compare), then two segments (models now move once
+#      per run, not per segment) in normal and in low mode and their memory peaks (banded video
+#      decode); the whole job in high mode with all segments sampled as one batch; two segments in
+#      high mode with the video UNet channels-last; low mode with two guidance passes (smaller
+#      cards); partial results survive the timeout                         -> job.json
 #   2. video-UNet step variants (channels-last included) with a kernel profile, and regional
 #      compilation                                                         -> unet_variants.json
 #   3. if time is left: high mode with torch.compile, one segment          -> job_compile.json
@@ -18,7 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-timeout 330 python3 benchmarks/run.py --modes high,normal,low,low-twopass,high-nhwc,high-segbatch --warmup --compare --other-modes-segments 1 \
+timeout 330 python3 benchmarks/run.py --modes high,normal,low,high-segbatch,high-nhwc,low-twopass --warmup --compare --other-modes-segments 2 \
   --out "$OUT/job.json" 2>&1 | grep -v USDT | tee "$OUT/log_job.txt" | grep -E "mode |ERROR|Error|error" | cut -c1-600
 timeout 210 python3 benchmarks/unet_variants.py --profile --compile-regional --out "$OUT/unet_variants.json" 2>&1 \
   | grep -v USDT | tee "$OUT/log_variants.txt"
