@@ -27,7 +27,7 @@ import numpy as np
 
 import paints_undo
 from paints_undo import export
-from paints_undo.cli import positive_int
+from paints_undo.cli import add_speed_arguments, model_manager_from_args
 from paints_undo.errors import Cancelled, PaintsUndoError
 from paints_undo.keyframes import (
     DEFAULT_CFG,
@@ -38,7 +38,7 @@ from paints_undo.keyframes import (
     DEFAULT_UNDO_STEPS,
     DEFAULT_WIDTH,
 )
-from paints_undo.models import ModelManager, ModelSources
+from paints_undo.models import ModelManager
 from paints_undo.progress import ProgressEvent
 from paints_undo.sketch import (
     DEFAULT_DETECTORS,
@@ -87,19 +87,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     vram = p.add_mutually_exclusive_group()
     vram.add_argument("--high-vram", dest="vram_mode", action="store_const", const="high")
     vram.add_argument("--low-vram", dest="vram_mode", action="store_const", const="low")
-    p.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in low-VRAM "
-                        "mode below 7 GiB free)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (faster after a slow first run)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
-                        "launches are the bottleneck: no gain on an H100)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run the video UNet channels-last (the same math, without cuDNN's layout transposes "
-                        "around each convolution; may be faster on GPUs from Volta on)")
-    p.add_argument("--segment-batch", type=positive_int, default=1, metavar="N",
-                   help="sample up to N video segments as one batch in high-VRAM mode (the same math per "
-                        "segment; about 1.6 GiB more per segment; segments then appear N at a time)")
+    add_speed_arguments(p)
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs before new ones are refused")
     return p.parse_args(argv)
 
@@ -557,10 +545,7 @@ def build_app(services: Services) -> gr.Blocks:
 
 
 def create_services(args: argparse.Namespace) -> Services:
-    models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
-                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
-                          cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
-                          segment_batch=args.segment_batch)
+    models = model_manager_from_args(args)
     return Services(models=models, buckets=parse_buckets(args.video_buckets), results_dir=Path(args.results_dir))
 
 

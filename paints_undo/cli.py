@@ -66,6 +66,35 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_speed_arguments(group) -> None:
+    """The speed switches the CLI and the app share; none of them changes the math."""
+    group.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
+                       help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in "
+                            "low-VRAM mode below 7 GiB free; --no-batch-cfg reproduces the original's two calls "
+                            "exactly)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNets (about 1.3x faster video sampling on an H100 after ~3 minutes "
+                            "of warm-up)")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where "
+                            "kernel launches are the bottleneck: no gain on an H100)")
+    group.add_argument("--channels-last", action="store_true",
+                       help="run the video UNet channels-last (the same math, without cuDNN's layout transposes "
+                            "around each convolution; may be faster on GPUs from Volta on)")
+    group.add_argument("--segment-batch", type=positive_int, default=1, metavar="N",
+                       help="sample up to N video segments as one batch in high-VRAM mode (the same math per "
+                            "segment; about 1.6 GiB more per segment; segments then appear N at a time)")
+
+
+def model_manager_from_args(args: argparse.Namespace) -> ModelManager:
+    """The model cache both front ends build from their flags (``--models-dir``, ``--device``, VRAM
+    mode and the speed switches)."""
+    return ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
+                        vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
+                        cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
+                        segment_batch=args.segment_batch)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
@@ -147,20 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     vram.add_argument("--vram-mode", choices=("high", "normal", "low"), default=None)
     vram.add_argument("--high-vram", dest="vram_mode", action="store_const", const="high")
     vram.add_argument("--low-vram", dest="vram_mode", action="store_const", const="low")
-    g.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="both guidance branches in one UNet batch (default: on with a GPU, off on CPU and in "
-                        "low-VRAM mode below 7 GiB free; --no-batch-cfg reproduces the original's two calls exactly)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNets (about 1.3x faster video sampling on an H100 after ~3 minutes of warm-up)")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the video UNet as a CUDA graph (CUDA, high-VRAM mode; exact, for hosts where kernel "
-                        "launches are the bottleneck: no gain on an H100)")
-    g.add_argument("--channels-last", action="store_true",
-                   help="run the video UNet channels-last (the same math, without cuDNN's layout transposes "
-                        "around each convolution; may be faster on GPUs from Volta on)")
-    g.add_argument("--segment-batch", type=positive_int, default=1, metavar="N",
-                   help="sample up to N video segments as one batch in high-VRAM mode (the same math per "
-                        "segment; about 1.6 GiB more per segment; segments then appear N at a time)")
+    add_speed_arguments(g)
 
     g = p.add_argument_group("run")
     g.add_argument("--no-resume", action="store_true", help="recompute everything even if cached results exist")
@@ -466,10 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    models = ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
-                          vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
-                          cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
-                          segment_batch=args.segment_batch)
+    models = model_manager_from_args(args)
     cancel = threading.Event()
     bars = _Bars(args.quiet)
     jobs = [(n, img, None) for n, img in zip(_job_names(images), images)]
