@@ -16,7 +16,13 @@ the first (reference) variant's:
 * ``compile`` / ``compile+cuda-graph``: ``torch.compile`` of the default (``--compile``; minutes);
 * ``compile-regional``: ``torch.compile`` of each residual block and transformer separately
   (``--compile-regional``): blocks of one class and shape reuse one compiled graph, so the warm-up
-  is shorter, at the cost of fusions across block boundaries.
+  is shorter, at the cost of fusions across block boundaries;
+* ``default xK`` / ``default+channels-last xK`` (``--segment-batch K``): K video segments per step
+  (batch 2K), as ``--segment-batch`` samples them; ``ms_per_segment`` is comparable to the
+  one-segment step time.
+
+``--quick`` skips the variants already measured in earlier runs (the original's kernels, clip norms
+alone, CUDA graphs) and makes ``default`` the reference.
 
 ``--profile`` prints the kernels that take the most GPU time (``torch.profiler``). Results go to
 ``--out`` as JSON. CUDA only; ``--tiny`` runs the tiny config on CPU as a smoke test.
@@ -57,9 +63,11 @@ def build_unet(tiny: bool, device: torch.device, dtype: torch.dtype):
     return unet.to(dtype=dtype).eval().requires_grad_(False), config
 
 
-def make_inputs(config: dict, device: torch.device, dtype: torch.dtype, tiny: bool) -> dict[str, Any]:
+def make_inputs(config: dict, device: torch.device, dtype: torch.dtype, tiny: bool,
+                clips: int = 1) -> dict[str, Any]:
+    """One batched-CFG step's inputs for ``clips`` video segments (batch ``2 * clips``)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    b, t = 2, int(config["temporal_length"] or 16)
+    b, t = 2 * clips, int(config["temporal_length"] or 16)
     h, w = (8, 8) if tiny else (56, 48)
     d = config["context_dim"]
 
@@ -68,11 +76,11 @@ def make_inputs(config: dict, device: torch.device, dtype: torch.dtype, tiny: bo
 
     return dict(
         x=rnd(b, 4, t, h, w),
-        timesteps=torch.tensor([500.0, 500.0], device=device),
+        timesteps=torch.full((b,), 500.0, device=device),
         context_text=rnd(b, 77, d),
         context_img=rnd(b, t, 16, d),
         concat_cond=rnd(b, config["in_channels"] - 4, t, h, w),
-        fs=torch.tensor([24, 24], device=device),
+        fs=torch.full((b,), 24, device=device),
     )
 
 
@@ -144,6 +152,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also time torch.compile of each repeated block instead of the whole UNet "
                              "(blocks of one class and shape share compiled code: a shorter warm-up)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the reference and default variants")
+    parser.add_argument("--segment-batch", type=int, default=0,
+                        help="also time the default and channels-last UNet with this many segments per step")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the original's kernels, clip norms alone and CUDA graphs (measured before)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -182,14 +194,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         logger.info("%-28s %8.2f ms/step   max|diff| %.3g", name, ms, diff)
         return ms
 
-    unet.set_fast_clip_norm(False)
-    unet.set_split_geglu(False)
-    measure("reference", step)
-    if args.profile:
-        report["profile_reference"] = top_kernels(step, device)
-    unet.set_fast_clip_norm(True)
-    measure("clip-norm", step)
-    unet.set_split_geglu(True)
+    if not args.quick:
+        unet.set_fast_clip_norm(False)
+        unet.set_split_geglu(False)
+        measure("reference", step)
+        if args.profile:
+            report["profile_reference"] = top_kernels(step, device)
+        unet.set_fast_clip_norm(True)
+        measure("clip-norm", step)
+        unet.set_split_geglu(True)
     measure("default", step)
     if args.profile:
         report["profile_default"] = top_kernels(step, device)
@@ -198,6 +211,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.profile:
         report["profile_channels_last"] = top_kernels(step, device)
     unet.set_channels_last(False)
+
+    if args.segment_batch > 1:
+        clips = args.segment_batch
+        more = make_inputs(config, device, dtype, args.tiny, clips=clips)
+        # The first segment's inputs are the one-segment step's, so the outputs must agree.
+        batch_inputs = {k: torch.cat([v, more[k][v.shape[0]:]]) for k, v in inputs.items()}
+        del more
+
+        @torch.inference_mode()
+        def batch_step() -> torch.Tensor:
+            return unet(**batch_inputs)[:2]  # the first segment's, compared with the one-segment step
+
+        for layout in (False, True):
+            unet.set_channels_last(layout)
+            name = f"default{'+channels-last' if layout else ''} x{clips}"
+            ms = measure(name, batch_step, segments=clips)
+            report["variants"][name]["ms_per_segment"] = round(ms / clips, 3)
+        unet.set_channels_last(False)
+        del batch_inputs
 
     def through_graph(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
         runner = CUDAGraphRunner(module)
@@ -211,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["variants"]["cuda_graph_error"] = runner.disabled_reason
         return call
 
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.quick:
         measure("default+cuda-graph", through_graph(unet))
 
     if args.compile_regional:

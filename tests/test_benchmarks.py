@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,6 +60,23 @@ def test_tiny_unet_variant_timer(tmp_path):
     assert variants["default"]["max_abs_diff"] == 0.0 and variants["clip-norm"]["max_abs_diff"] == 0.0
     assert 0.0 <= variants["default+channels-last"]["max_abs_diff"] < 1e-4  # other CPU kernels, same math
     assert report["profile_default"] and all(row["ms"] >= 0 for row in report["profile_default"])
+
+
+def test_tiny_unet_variant_timer_segment_batch(tmp_path):
+    """``--segment-batch``: several segments per step give the first segment's one-step output."""
+    out = tmp_path / "variants.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/unet_variants.py", "--tiny", "--iters", "1", "--quick", "--segment-batch", "2",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"default", "default+channels-last", "default x2", "default+channels-last x2"}
+    for name in ("default x2", "default+channels-last x2"):
+        assert variants[name]["segments"] == 2
+        assert variants[name]["ms_per_segment"] == pytest.approx(variants[name]["ms"] / 2, abs=1e-3)
+        assert variants[name]["max_abs_diff"] < 1e-4  # the same computation per segment, batched
 
 
 def _activation_memory():
