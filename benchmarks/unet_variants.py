@@ -17,7 +17,8 @@ the first (reference) variant's:
 * ``compile-regional``: ``torch.compile`` of each residual block and transformer separately
   (``--compile-regional``): blocks of one class and shape reuse one compiled graph, so the warm-up
   is shorter, at the cost of fusions across block boundaries;
-* ``default xK`` / ``default+channels-last xK`` (``--segment-batch K``): K video segments per step
+* ``default+channels-last+cuda-graph``: channels-last replayed through a CUDA graph;
+* ``default xK`` / ``default+channels-last xK`` (``--segment-batch K,...``): K video segments per step
   (batch 2K), as ``--segment-batch`` samples them; ``ms_per_segment`` is comparable to the
   one-segment step time.
 
@@ -152,8 +153,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also time torch.compile of each repeated block instead of the whole UNet "
                              "(blocks of one class and shape share compiled code: a shorter warm-up)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the reference and default variants")
-    parser.add_argument("--segment-batch", type=int, default=0,
-                        help="also time the default and channels-last UNet with this many segments per step")
+    parser.add_argument("--segment-batch", type=lambda v: [int(n) for n in v.split(",") if int(n) > 1], default=[],
+                        help="comma list: also time the default and channels-last UNet with this many segments "
+                             "per step")
     parser.add_argument("--quick", action="store_true",
                         help="skip the original's kernels, clip norms alone and CUDA graphs (measured before)")
     parser.add_argument("--out", type=Path, default=None)
@@ -176,6 +178,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         variants={},
     )
 
+    def write_report() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+
     @torch.inference_mode()
     def step() -> torch.Tensor:
         return unet(**inputs)
@@ -192,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["variants"][name] = dict(ms=round(ms, 3), times=[round(t, 3) for t in times],
                                         max_abs_diff=diff, finite=bool(torch.isfinite(out).all()), **extra)
         logger.info("%-28s %8.2f ms/step   max|diff| %.3g", name, ms, diff)
+        write_report()  # what was measured survives a later timeout
         return ms
 
     if not args.quick:
@@ -212,8 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["profile_channels_last"] = top_kernels(step, device)
     unet.set_channels_last(False)
 
-    if args.segment_batch > 1:
-        clips = args.segment_batch
+    for clips in args.segment_batch:
         more = make_inputs(config, device, dtype, args.tiny, clips=clips)
         # The first segment's inputs are the one-segment step's, so the outputs must agree.
         batch_inputs = {k: torch.cat([v, more[k][v.shape[0]:]]) for k, v in inputs.items()}
@@ -228,8 +235,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             name = f"default{'+channels-last' if layout else ''} x{clips}"
             ms = measure(name, batch_step, segments=clips)
             report["variants"][name]["ms_per_segment"] = round(ms / clips, 3)
+            write_report()
         unet.set_channels_last(False)
-        del batch_inputs
+        del batch_inputs, batch_step
 
     def through_graph(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
         runner = CUDAGraphRunner(module)
@@ -245,6 +253,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if device.type == "cuda" and not args.quick:
         measure("default+cuda-graph", through_graph(unet))
+    if device.type == "cuda":  # the channels-last kernels are many and small: without launch gaps?
+        unet.set_channels_last(True)
+        measure("default+channels-last+cuda-graph", through_graph(unet))
+        unet.set_channels_last(False)
 
     if args.compile_regional:
         blocks = regional_blocks(unet)
@@ -271,9 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if device.type == "cuda":
             measure(f"compile({args.compile_mode or 'default'})+cuda-graph", through_graph(unet))
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report()
     return 0
 
 

@@ -66,7 +66,7 @@ def test_tiny_unet_variant_timer_segment_batch(tmp_path):
     """``--segment-batch``: several segments per step give the first segment's one-step output."""
     out = tmp_path / "variants.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/unet_variants.py", "--tiny", "--iters", "1", "--quick", "--segment-batch", "2",
+        [sys.executable, "benchmarks/unet_variants.py", "--tiny", "--iters", "1", "--quick", "--segment-batch", "2,1",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
