@@ -2,10 +2,11 @@
 # One lent-GPU session of issue 7's measurements (see benchmarks/README.md), results under $OUT:
 #   1. video-UNet steps: default vs channels-last, one segment and seven segments per step, with a
 #      kernel profile                                                      -> unet_variants.json
-#   2. jobs: the whole default job in high mode (+ --compare); the whole job with the video UNet
-#      channels-last and all segments as one batch; two segments in normal and in low mode (memory
-#      peaks, models moved once per run); last (compilation takes minutes) the whole job with
-#      torch.compile + channels-last + one batch; partial results survive the timeout -> job.json
+#   2. jobs: the whole default job in high mode as before run 4 (channels-first, one segment at a
+#      time; + --compare); the whole job with today's defaults (on a GPU: channels-last, all segments
+#      as one batch); two segments in normal and in low mode (memory peaks, models moved once per
+#      run); last (compilation takes minutes) the whole job with torch.compile; partial results
+#      survive the timeout                                                 -> job.json
 # The device image lacks diffusers: carry its wheel in .whl (see the device tool's README).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -21,7 +22,7 @@ timeout 100 python3 benchmarks/unet_variants.py --quick --profile --segment-batc
   | grep -v USDT | tee "$OUT/log_variants.txt" | grep -v "^  "
 left=$((budget - SECONDS))
 echo "seconds left for the jobs: $left"
-timeout "$left" python3 benchmarks/run.py --modes high,high-nhwc-segbatch,normal,low,high-compile-nhwc-segbatch \
+timeout "$left" python3 benchmarks/run.py --modes high-nchw-onebyone,high,normal,low,high-compile \
   --warmup --compare --other-modes-segments 2 --out "$OUT/job.json" 2>&1 | grep -v USDT | tee "$OUT/log_job.txt" \
   | grep -E "mode |ERROR|Error|error|compare" | cut -c1-700
 echo "total ${SECONDS}s"

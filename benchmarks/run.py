@@ -106,7 +106,7 @@ def build_models(manager, configs: dict[str, dict], device: torch.device) -> Non
 
 
 def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None, cuda_graphs: bool = False,
-              channels_last: bool = False, segment_batch: int = 1):
+              channels_last: Optional[bool] = None, segment_batch: Optional[int] = None):
     """A manager in VRAM ``mode`` over the already built models of ``shared`` (built once per run)."""
     from paints_undo.models import ModelManager, SingleFrameModels
     from single_frame import KDiffusionSampler
@@ -143,14 +143,37 @@ class StageStats:
 
 @dataclass
 class Recorder:
-    """Times wrapped callables (with device syncs) and records the peak memory during each call."""
+    """Times wrapped callables (with device syncs) and records the peak memory during each call.
+
+    Stages nest (``video`` holds ``video.sampler``...). PyTorch keeps one peak counter, which each
+    stage resets when it starts; so before a reset the peak so far is credited to every stage still
+    open, and ``overall`` holds the peak of everything measured.
+    """
 
     device: torch.device
     stages: dict[str, StageStats] = field(default_factory=dict)
+    overall: StageStats = field(default_factory=StageStats)
+    _open: list[StageStats] = field(default_factory=list)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def peak_bytes(self) -> tuple[int, int]:
+        """(allocated, reserved) peak bytes since the last reset."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+        return 0, 0
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _credit_peak(self, stages: list[StageStats]) -> None:
+        allocated, reserved = (v / 2**30 for v in self.peak_bytes())
+        for stats in (*stages, self.overall):
+            stats.peak_allocated_gib = max(stats.peak_allocated_gib, allocated)
+            stats.peak_reserved_gib = max(stats.peak_reserved_gib, reserved)
 
     def wrap(self, owner: Any, name: str, stage: str) -> Callable[[], None]:
         """Instrument ``owner.name``; returns a function that restores it."""
@@ -169,8 +192,9 @@ class Recorder:
     def measure(self, stage: str):
         stats = self.stages.setdefault(stage, StageStats())
         self.sync()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._credit_peak(self._open)  # the enclosing stages' peak up to here, before the reset
+        self.reset_peak()
+        self._open.append(stats)
         start = time.perf_counter()
         try:
             yield
@@ -178,11 +202,8 @@ class Recorder:
             self.sync()
             stats.seconds += time.perf_counter() - start
             stats.calls += 1
-            if self.device.type == "cuda":
-                stats.peak_allocated_gib = max(stats.peak_allocated_gib,
-                                               torch.cuda.max_memory_allocated(self.device) / 2**30)
-                stats.peak_reserved_gib = max(stats.peak_reserved_gib,
-                                              torch.cuda.max_memory_reserved(self.device) / 2**30)
+            self._credit_peak(self._open)  # this stage's peak counts for the enclosing ones too
+            self._open.pop()
 
 
 def instrument(manager, recorder: Recorder) -> list[Callable[[], None]]:
@@ -298,6 +319,8 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
     def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max())
 
+    layout_before = pipe.unet.channels_last
+    pipe.unet.set_channels_last(False)  # the original's layout, unless a check says otherwise
     with torch.inference_mode():
         # Reference: the original's path (two UNet calls per step, eager, the original's kernels).
         ref = sample(batch_cfg=False, graphs=False, reference_kernels=True)
@@ -305,20 +328,22 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
         fast_kernels = sample(batch_cfg=True, graphs=False, reference_kernels=False)
         out["video_latents_batched_cfg_vs_two_passes_max_abs"] = max_abs(ref, batched)
         out["video_latents_fast_kernels_vs_reference_kernels_max_abs"] = max_abs(batched, fast_kernels)
-        layout_before = pipe.unet.channels_last
-        pipe.unet.set_channels_last(True)
-        try:
-            channels_last = sample(batch_cfg=True, graphs=False, reference_kernels=False)
-        finally:
-            pipe.unet.set_channels_last(layout_before)
-        out["video_latents_channels_last_vs_channels_first_max_abs"] = max_abs(fast_kernels, channels_last)
         # Two clips sampled as one batch (segment batching), each with its own generator, vs the first alone.
         pair = dict(kw, positive_image_cond=torch.cat([kw["positive_image_cond"], rnd(b, t, 16, ctx)]),
                     negative_image_cond=kw["negative_image_cond"].repeat(2, 1, 1, 1),
                     concat_cond=torch.cat([kw["concat_cond"], rnd(b, 4, t, h // 8, w // 8)]))
         generators = [torch.Generator(device).manual_seed(seed) for seed in (1, 2)]
-        together = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=generators, batch_cfg=True, **pair)
-        out["video_latents_segment_batch_vs_one_at_a_time_max_abs"] = max_abs(fast_kernels, together[:1].float())
+        pipe.unet.set_channels_last(True)
+        try:
+            channels_last = sample(batch_cfg=True, graphs=False, reference_kernels=False)
+            # The app's defaults on a GPU: channels-last, segments batched, both guidance branches batched.
+            together = pipe(batch_size=1, steps=steps, guidance_scale=7.5, generator=generators, batch_cfg=True,
+                            **pair)[:1].float()
+        finally:
+            pipe.unet.set_channels_last(False)
+        out["video_latents_channels_last_vs_channels_first_max_abs"] = max_abs(fast_kernels, channels_last)
+        out["video_latents_segment_batch_vs_one_at_a_time_max_abs"] = max_abs(channels_last, together)
+        out["video_latents_app_defaults_vs_reference_max_abs"] = max_abs(ref, together)
         if device.type == "cuda":
             graphed = sample(batch_cfg=True, graphs=True, reference_kernels=False)
             out["video_latents_cuda_graph_vs_eager_max_abs"] = max_abs(fast_kernels, graphed)
@@ -345,6 +370,7 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
         out["vae_decode_frame_chunked_vs_whole_max_abs"] = max_abs(whole.float(), chunked.float())
         out["vae_decode_low_vram_bands_vs_whole_max_abs"] = max_abs(whole.float(), banded.float())
         out["vae_decode_abs_max"] = float(whole.float().abs().max())
+    pipe.unet.set_channels_last(layout_before)
     return out
 
 
@@ -396,10 +422,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs, few steps (CPU smoke test)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="high,normal,low",
-                        help="comma list of high/normal/low, optionally with '-compile', '-graphs', '-nhwc' "
-                             "(the video UNet channels-last), '-segbatch' (all video segments sampled as one "
-                             "batch; high mode; always every segment) and/or '-twopass' (guidance branches as "
-                             "two UNet calls; e.g. high-compile, low-twopass, high-nhwc, high-segbatch)")
+                        help="comma list of high/normal/low, each with the app's defaults (on a GPU: the video "
+                             "UNet channels-last, in high mode all segments in as few batches as memory holds), "
+                             "optionally with '-compile', '-graphs', '-nhwc' / '-nchw' (force the video UNet's "
+                             "layout), '-segbatch' / '-onebyone' (force all video segments as one batch / one "
+                             "at a time) and/or '-twopass' (guidance branches as two UNet calls); e.g. "
+                             "high-compile, low-twopass, high-nchw-onebyone (the earlier default)")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -471,18 +499,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             for unet in (shared._single.unet, shared._multi.pipeline.unet):
                 unet.compile()
         two_passes = args.no_batch_cfg or "twopass" in variants
+        layout = True if "nhwc" in variants else False if "nchw" in variants else None
+        together = len(settings.undo_steps) + 1 if "segbatch" in variants else 1 if "onebyone" in variants else None
         manager = with_mode(shared, vram_mode, batch_cfg=False if two_passes else None,
-                            cuda_graphs="graphs" in variants, channels_last="nhwc" in variants,
-                            segment_batch=len(settings.undo_steps) + 1 if "segbatch" in variants else 1)
+                            cuda_graphs="graphs" in variants, channels_last=layout, segment_batch=together)
         mode_settings = JobSettings(**{**settings.__dict__})
-        if index > 0 and args.other_modes_segments and "segbatch" not in variants:
+        if index > 0 and args.other_modes_segments and manager.video_segment_batch == 1:
             mode_settings.segments = args.other_modes_segments
         if compiled or args.warmup:
             # Compilation, or lazy CUDA init, kernel loading and cuDNN autotuning for this mode's own
             # shapes (decode chunks and bands, one or two guidance calls), outside the timings.
             t0 = time.perf_counter()
             warmup_job = short_job
-            if "segbatch" in variants:  # the batched shapes: all segments, with few steps
+            if manager.video_segment_batch > 1:  # the batched shapes: all segments, with few steps
                 warmup_job = JobSettings(**{**short_job.__dict__, "segments": mode_settings.segments})
             run_job(manager, warmup_job, Recorder(device))
             warmup_seconds = round(time.perf_counter() - t0, 2)
@@ -492,7 +521,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         restores = instrument(manager, recorder)
         entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
                                  "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
-                                 "channels_last": manager.channels_last,
+                                 "channels_last": manager.use_channels_last,
                                  "video_segment_batch": manager.video_segment_batch,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
                                  "vae_decode_band_bytes": manager.memory.vae_decode_band_bytes,
@@ -516,8 +545,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if mode_settings.segments is None:
             entry["ratio_to_h100_floor"] = round(total / H100_FLOOR_SECONDS, 2)
         if device.type == "cuda":
-            entry["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+            recorder._credit_peak([])  # anything after the last stage too
+            entry["peak_allocated_gib"] = round(recorder.overall.peak_allocated_gib, 2)
+            entry["peak_reserved_gib"] = round(recorder.overall.peak_reserved_gib, 2)
         if compiled:
             entry["compile_warmup_seconds"] = warmup_seconds
         elif args.warmup:

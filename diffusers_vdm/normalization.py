@@ -11,7 +11,7 @@ and normalises in one pass through ``batch_norm`` in its inference form, fed per
 statistics. Everywhere else it is ``nn.GroupNorm`` itself, so CPU results are unchanged.
 
 ``GroupNorm`` (the base of ``ClipGroupNorm``) keeps channels-last tensors channels-last on the GPU,
-for the video UNet's opt-in channels-last layout (``UNet3DModel.set_channels_last``).
+for the video UNet's channels-last layout (the default on CUDA GPUs) (``UNet3DModel.set_channels_last``).
 """
 
 from __future__ import annotations

@@ -417,7 +417,8 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
                 m.split = bool(enabled)
 
     def set_channels_last(self, enabled: bool = True) -> None:
-        """Keep activations and convolution weights channels-last (opt-in; the same math).
+        """Keep activations and convolution weights channels-last (the same math; the default on CUDA GPUs,
+        chosen by ``MemoryManager.video_unet_channels_last``).
 
         Frames are then stored ``(b, t, h, w, c)``: on GPUs whose convolutions run channels-last
         (cuDNN on Volta and newer), no convolution transposes its input and output any more, the

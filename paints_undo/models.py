@@ -133,11 +133,13 @@ class ModelManager:
     #: Replay the video UNet as a CUDA graph (opt-in, CUDA only; meant for the high VRAM mode, where
     #: the weights never move). Exact, but no faster on an H100, where the eager UNet is GPU-bound.
     cuda_graphs: bool = False
-    #: Run the video UNet channels-last (opt-in, same math; see ``UNet3DModel.set_channels_last``).
-    channels_last: bool = False
-    #: Video segments to sample as one batch (opt-in; the same math per segment). The memory
-    #: manager caps it (``MemoryManager.video_segment_batch``); see ``video_segment_batch``.
-    segment_batch: int = 1
+    #: Run the video UNet channels-last (same math; see ``UNet3DModel.set_channels_last``); ``None`` =
+    #: the memory manager's default (on for CUDA GPUs from Volta on).
+    channels_last: Optional[bool] = None
+    #: Most video segments to sample as one batch (the same math per segment); ``None`` = as many as
+    #: the memory holds in high mode on a GPU, else one. The memory manager caps it
+    #: (``MemoryManager.video_segment_batch``); see ``video_segment_batch``.
+    segment_batch: Optional[int] = None
     _memory: Optional[MemoryManager] = None
     _single: Optional[SingleFrameModels] = None
     _multi: Optional[MultiFrameModels] = None
@@ -159,6 +161,10 @@ class ModelManager:
     def video_segment_batch(self) -> int:
         """Video segments sampled together: ``segment_batch`` as far as the VRAM mode allows."""
         return self.memory.video_segment_batch(self.segment_batch)
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.memory.video_unet_channels_last if self.channels_last is None else bool(self.channels_last)
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -326,8 +332,8 @@ class ModelManager:
         pipeline.vae.set_decoder_frame_chunk(self.memory.vae_decode_frame_chunk)
         pipeline.vae.set_decoder_band_bytes(self.memory.vae_decode_band_bytes)
         pipeline.unet.set_attention_batch_chunk(self.memory.unet_attention_batch_chunk)
-        if pipeline.unet.channels_last != bool(self.channels_last):
-            pipeline.unet.set_channels_last(self.channels_last)
+        if pipeline.unet.channels_last != self.use_channels_last:
+            pipeline.unet.set_channels_last(self.use_channels_last)
         pipeline.set_cuda_graphs(self.use_cuda_graphs)
 
     # -- line art ---------------------------------------------------------------------------------

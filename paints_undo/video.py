@@ -298,8 +298,9 @@ def iter_video_segments(
 
     Segments come in processing order (pair 0 first), which is the *end* of the final video;
     ``segment.position`` says where each one goes. ``skip`` lists segment indices not to compute
-    (the caller already has them, e.g. when resuming). Where the memory manager allows it
-    (``ModelManager.segment_batch``), several segments are sampled as one batch and come together.
+    (the caller already has them, e.g. when resuming). Where the memory manager allows it (high
+    mode on a GPU by default; ``ModelManager.segment_batch`` caps it), several segments are sampled
+    as one batch and come together.
     """
     steps, cfg, seed = _validate(keyframes, steps, cfg, seed)
     buckets = parse_buckets(buckets)

@@ -39,6 +39,7 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     assert report["compare"]["vae_decode_abs_max"] > 0.01
     assert report["compare"]["video_latents_channels_last_vs_channels_first_max_abs"] < 1e-3
     assert report["compare"]["video_latents_segment_batch_vs_one_at_a_time_max_abs"] < 1e-3
+    assert report["compare"]["video_latents_app_defaults_vs_reference_max_abs"] < 1e-3
     assert low["vae_decode_band_bytes"] == 32 * 2**20
     # The fast clip-norm and split-gate kernels are CUDA-only: on the CPU both settings run the same code.
     assert report["compare"]["video_latents_fast_kernels_vs_reference_kernels_max_abs"] == 0.0
@@ -77,6 +78,46 @@ def test_tiny_unet_variant_timer_segment_batch(tmp_path):
         assert variants[name]["segments"] == 2
         assert variants[name]["ms_per_segment"] == pytest.approx(variants[name]["ms"] / 2, abs=1e-3)
         assert variants[name]["max_abs_diff"] < 1e-4  # the same computation per segment, batched
+
+
+def _run_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return run
+
+
+def test_recorder_credits_nested_peaks_to_the_enclosing_stages(monkeypatch):
+    """Each stage resets the one peak counter; enclosing stages and the mode must still see it."""
+    import torch
+
+    run = _run_module()
+    memory = {"now": 0, "peak": 0}
+
+    def allocate(n: int) -> None:
+        memory["now"] += n
+        memory["peak"] = max(memory["peak"], memory["now"])
+
+    recorder = run.Recorder(torch.device("cpu"))
+    monkeypatch.setattr(recorder, "peak_bytes", lambda: (memory["peak"], 2 * memory["peak"]))
+    monkeypatch.setattr(recorder, "reset_peak", lambda: memory.update(peak=memory["now"]))
+    gib = 2**30
+    with recorder.measure("video"):
+        allocate(3 * gib)
+        with recorder.measure("video.sampler"):
+            allocate(5 * gib)  # the job's peak: 8 GiB
+            allocate(-5 * gib)
+        with recorder.measure("video.vae_decode"):  # resets the counter to 3 GiB
+            allocate(1 * gib)
+            allocate(-1 * gib)
+    stages = recorder.stages
+    assert stages["video.sampler"].peak_allocated_gib == 8
+    assert stages["video.vae_decode"].peak_allocated_gib == 4
+    assert stages["video"].peak_allocated_gib == 8 and stages["video"].peak_reserved_gib == 16
+    assert recorder.overall.peak_allocated_gib == 8
+    assert [s.calls for s in stages.values()] == [1, 1, 1]
 
 
 def _activation_memory():

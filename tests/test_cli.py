@@ -213,3 +213,23 @@ def test_cli_sketch_mode_missing_lineart_weights(tmp_path, picture, tiny_sf_repo
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sk_model.pth" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_speed_flags_default_to_the_memory_managers_choice(fake_cuda):
+    """No flag: channels-last and segment batching follow the device (on for a large CUDA GPU in high
+    mode); the flags force either way; a CPU keeps the original's layout and one segment at a time."""
+    from paints_undo.cli import build_parser, model_manager_from_args
+
+    parser = build_parser()
+    base = ["in.png", "-o", "out"]
+    fake_cuda["free"] = 79 * 2**30
+    auto = model_manager_from_args(parser.parse_args(base + ["--vram-mode", "high"]))
+    assert (auto.channels_last, auto.segment_batch) == (None, None)
+    assert auto.use_channels_last and auto.video_segment_batch == 28
+    forced = model_manager_from_args(parser.parse_args(
+        base + ["--vram-mode", "high", "--no-channels-last", "--segment-batch", "2"]))
+    assert not forced.use_channels_last and forced.video_segment_batch == 2
+    normal = model_manager_from_args(parser.parse_args(base + ["--vram-mode", "normal", "--channels-last"]))
+    assert normal.use_channels_last and normal.video_segment_batch == 1
+    cpu = model_manager_from_args(parser.parse_args(base + ["--device", "cpu", "--vram-mode", "high"]))
+    assert not cpu.use_channels_last and cpu.video_segment_batch == 1

@@ -98,14 +98,27 @@ def test_segments_are_sampled_together_only_in_high_mode_and_as_far_as_memory_ho
     cpu = torch.device("cpu")
     assert mm.MemoryManager(device=cpu, vram_mode="high").video_segment_batch(7) == 7
     assert mm.MemoryManager(device=cpu, vram_mode="high").video_segment_batch(0) == 1
+    assert mm.MemoryManager(device=cpu, vram_mode="high").video_segment_batch() == 1  # no gain on a CPU
     assert mm.MemoryManager(device=cpu, vram_mode="normal").video_segment_batch(7) == 1
     assert mm.MemoryManager(device=cpu, vram_mode="low").video_segment_batch(7) == 1
-    # On a GPU: a 24 GB card (22.5 GiB free) holds 3 segments at once, an 80 GB one all 7.
-    for free_gib, expected in ((22.5, 3), (79, 7), (16, 1)):
+    # On a GPU: a 24 GB card (22.5 GiB free) holds 3 segments at once, an 80 GB one all 7 (and more:
+    # unasked, as many as memory holds).
+    for free_gib, expected, unasked in ((22.5, 3, 3), (79, 7, 28), (16, 1, 1)):
         fake_cuda["free"] = int(free_gib * GiB)
-        assert mm.MemoryManager.create(vram_mode="high").video_segment_batch(7) == expected, free_gib
+        manager = mm.MemoryManager.create(vram_mode="high")
+        assert manager.video_segment_batch(7) == expected, free_gib
+        assert manager.video_segment_batch() == unasked, free_gib
+        assert manager.video_segment_batch(1) == 1
     fake_cuda["free"] = 79 * GiB
     assert mm.MemoryManager.create(vram_mode="normal").video_segment_batch(7) == 1
+    assert mm.MemoryManager.create(vram_mode="normal").video_segment_batch() == 1
+
+
+def test_video_unet_runs_channels_last_on_cuda_gpus_from_volta_on(fake_cuda):
+    assert mm.MemoryManager.create().video_unet_channels_last
+    fake_cuda["capability"] = (6, 1)  # Pascal: its cuDNN convolutions are channels-first
+    assert not mm.MemoryManager.create().video_unet_channels_last
+    assert not mm.MemoryManager.create(device="cpu").video_unet_channels_last
 
 
 def test_forced_vram_mode_and_cpu_default(fake_cuda):

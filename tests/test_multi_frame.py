@@ -160,8 +160,8 @@ def test_mf_unet_golden(pipe):
 
 @pytest.mark.parametrize("norm_path", ["pytorch", "channels-last kernels"])
 def test_mf_unet_channels_last_matches_the_original(pipe, monkeypatch, norm_path):
-    """The opt-in channels-last layout is the same math: the golden output, with both group-norm paths
-    (PyTorch's, which keeps the layout on the CPU, and ours, which the GPU takes)."""
+    """The channels-last layout (the default on CUDA GPUs) is the same math: the golden output, with
+    both group-norm paths (PyTorch's, which keeps the layout on the CPU, and ours, which the GPU takes)."""
     from diffusers_vdm import normalization
 
     if norm_path != "pytorch":

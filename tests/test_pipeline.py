@@ -252,7 +252,7 @@ def test_mf_pipeline_e2e_golden(models, monkeypatch):
 
 
 def test_mf_pipeline_e2e_golden_channels_last_in_low_vram(tiny_models_dir, monkeypatch):
-    """The opt-in channels-last video UNet, with the group norms a GPU takes, gives the original's video."""
+    """The channels-last video UNet (the GPU default), with the group norms a GPU takes, gives the original's video."""
     from diffusers_vdm import normalization
 
     monkeypatch.setattr(normalization, "native_group_norm_keeps_channels_last", lambda device: False)

@@ -254,7 +254,7 @@ def test_model_manager_applies_the_channels_last_switch(tiny_mf_repo):
     assert not pipe.unet.channels_last
 
 
-def test_cli_and_app_accept_the_cuda_graph_flags():
+def test_cli_and_app_accept_the_speed_flags():
     import gradio_app
     from paints_undo import cli
 
@@ -263,13 +263,17 @@ def test_cli_and_app_accept_the_cuda_graph_flags():
     assert parser.parse_args(["x.png"]).cuda_graphs is False
     assert gradio_app.parse_args(["--cuda-graphs"]).cuda_graphs is True
     assert gradio_app.parse_args([]).cuda_graphs is False
+    # Layout and segment batching: unset means the memory manager's choice for the device.
     assert parser.parse_args(["--channels-last", "x.png"]).channels_last is True
-    assert parser.parse_args(["x.png"]).channels_last is False
+    assert parser.parse_args(["--no-channels-last", "x.png"]).channels_last is False
+    assert parser.parse_args(["x.png"]).channels_last is None
     assert gradio_app.parse_args(["--channels-last"]).channels_last is True
-    assert gradio_app.parse_args([]).channels_last is False
+    assert gradio_app.parse_args(["--no-channels-last"]).channels_last is False
+    assert gradio_app.parse_args([]).channels_last is None
     assert parser.parse_args(["--segment-batch", "7", "x.png"]).segment_batch == 7
-    assert parser.parse_args(["x.png"]).segment_batch == 1
+    assert parser.parse_args(["x.png"]).segment_batch is None
     assert gradio_app.parse_args(["--segment-batch", "3"]).segment_batch == 3
+    assert gradio_app.parse_args([]).segment_batch is None
     for bad in ("0", "-2", "two"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--segment-batch", bad, "x.png"])
