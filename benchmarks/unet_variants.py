@@ -202,22 +202,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_report()  # what was measured survives a later timeout
         return ms
 
+    def measure_and_profile(name: str, profile_key: str) -> None:
+        measure(name, step)
+        if args.profile:
+            report[profile_key] = top_kernels(step, device)
+
     if not args.quick:
         unet.set_fast_clip_norm(False)
         unet.set_split_geglu(False)
-        measure("reference", step)
-        if args.profile:
-            report["profile_reference"] = top_kernels(step, device)
+        measure_and_profile("reference", "profile_reference")
         unet.set_fast_clip_norm(True)
         measure("clip-norm", step)
         unet.set_split_geglu(True)
-    measure("default", step)
-    if args.profile:
-        report["profile_default"] = top_kernels(step, device)
+    measure_and_profile("default", "profile_default")
     unet.set_channels_last(True)
-    measure("default+channels-last", step)
-    if args.profile:
-        report["profile_channels_last"] = top_kernels(step, device)
+    measure_and_profile("default+channels-last", "profile_channels_last")
     unet.set_channels_last(False)
 
     for clips in args.segment_batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -80,20 +81,20 @@ def test_tiny_unet_variant_timer_segment_batch(tmp_path):
         assert variants[name]["max_abs_diff"] < 1e-4  # the same computation per segment, batched
 
 
-def _run_module():
+def _benchmark_module(name: str):
+    """A script of ``benchmarks/`` imported as a module (the folder is not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import run
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return run
 
 
 def test_recorder_credits_nested_peaks_to_the_enclosing_stages(monkeypatch):
     """Each stage resets the one peak counter; enclosing stages and the mode must still see it."""
     import torch
 
-    run = _run_module()
+    run = _benchmark_module("run")
     memory = {"now": 0, "peak": 0}
 
     def allocate(n: int) -> None:
@@ -121,12 +122,7 @@ def test_recorder_credits_nested_peaks_to_the_enclosing_stages(monkeypatch):
 
 
 def _activation_memory():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import activation_memory
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return activation_memory
+    return _benchmark_module("activation_memory")
 
 
 def test_live_tensor_bytes_counts_storages_once_and_frees_them():
@@ -238,11 +234,7 @@ def test_activation_memory_report(tmp_path):
 
 
 def test_regional_compile_targets_each_repeated_block_once(tiny_mf_repo):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import unet_variants
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    unet_variants = _benchmark_module("unet_variants")
     from diffusers_vdm import UNet3DModel
     from diffusers_vdm.attention import SpatialTransformer, TemporalTransformer
     from diffusers_vdm.loading import load_module_folder
