@@ -169,7 +169,7 @@ class Recorder:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _credit_peak(self, stages: list[StageStats]) -> None:
+    def credit_peak(self, stages: list[StageStats]) -> None:
         allocated, reserved = (v / 2**30 for v in self.peak_bytes())
         for stats in (*stages, self.overall):
             stats.peak_allocated_gib = max(stats.peak_allocated_gib, allocated)
@@ -192,7 +192,7 @@ class Recorder:
     def measure(self, stage: str):
         stats = self.stages.setdefault(stage, StageStats())
         self.sync()
-        self._credit_peak(self._open)  # the enclosing stages' peak up to here, before the reset
+        self.credit_peak(self._open)  # the enclosing stages' peak up to here, before the reset
         self.reset_peak()
         self._open.append(stats)
         start = time.perf_counter()
@@ -202,7 +202,7 @@ class Recorder:
             self.sync()
             stats.seconds += time.perf_counter() - start
             stats.calls += 1
-            self._credit_peak(self._open)  # this stage's peak counts for the enclosing ones too
+            self.credit_peak(self._open)  # this stage's peak counts for the enclosing ones too
             self._open.pop()
 
 
@@ -545,7 +545,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if mode_settings.segments is None:
             entry["ratio_to_h100_floor"] = round(total / H100_FLOOR_SECONDS, 2)
         if device.type == "cuda":
-            recorder._credit_peak([])  # anything after the last stage too
+            recorder.credit_peak([])  # anything after the last stage too
             entry["peak_allocated_gib"] = round(recorder.overall.peak_allocated_gib, 2)
             entry["peak_reserved_gib"] = round(recorder.overall.peak_reserved_gib, 2)
         if compiled:
