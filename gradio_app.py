@@ -389,6 +389,20 @@ def missing_models_markdown(models: ModelManager) -> str:
     return "\n".join(lines)
 
 
+def keyframe_sampling_controls(
+    width_id: str, height_id: str, steps_id: str, cfg_id: str, negative_prompt_id: str,
+) -> tuple[gr.Slider, gr.Slider, gr.Slider, gr.Slider, gr.Textbox]:
+    """The single-frame model's size, steps, CFG and negative prompt inputs (the keyframe and sketch tabs
+    share their ranges and defaults; the element ids tell the tabs apart)."""
+    width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH, step=64, elem_id=width_id)
+    height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT, step=64,
+                       elem_id=height_id)
+    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1, elem_id=steps_id)
+    cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01, elem_id=cfg_id)
+    negative_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id=negative_prompt_id)
+    return width, height, steps, cfg, negative_prompt
+
+
 def drawing_process_tab(handlers: dict[str, Callable], gpu: dict) -> None:
     """The original's three steps (prompt, key frames, video) with their api names /tag, /keyframes, /video."""
     with gr.Accordion(label="Step 1: Upload Image and Generate Prompt", open=True):
@@ -407,15 +421,8 @@ def drawing_process_tab(handlers: dict[str, Callable], gpu: dict) -> None:
                                                choices=list(range(1000)), multiselect=True, elem_id="undo_steps")
                 seed = gr.Slider(label="Stage 1 Seed", minimum=0, maximum=50000, step=1, value=DEFAULT_SEED,
                                  elem_id="seed")
-                image_width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH,
-                                        step=64, elem_id="width")
-                image_height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT,
-                                         step=64, elem_id="height")
-                steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1,
-                                  elem_id="steps")
-                cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01,
-                                elem_id="cfg")
-                n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id="n_prompt")
+                image_width, image_height, steps, cfg, n_prompt = keyframe_sampling_controls(
+                    "width", "height", "steps", "cfg", "n_prompt")
             with gr.Column():
                 with gr.Row():
                     key_gen_button = gr.Button(value="Generate Key Frames", interactive=False,
@@ -493,15 +500,8 @@ def sketch_tab(handlers: dict[str, Callable], gpu: dict) -> None:
             sets = gr.Slider(label="Sets (one seed each)", minimum=1, maximum=10, step=1, value=DEFAULT_SKETCH_SETS,
                              elem_id="sketch_sets")
             seed = gr.Slider(label="Seed", minimum=0, maximum=50000, step=1, value=DEFAULT_SEED, elem_id="sketch_seed")
-            width = gr.Slider(label="Image Width", minimum=256, maximum=1024, value=DEFAULT_WIDTH, step=64,
-                              elem_id="sketch_width")
-            height = gr.Slider(label="Image Height", minimum=256, maximum=1024, value=DEFAULT_HEIGHT, step=64,
-                               elem_id="sketch_height")
-            steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=DEFAULT_STEPS, step=1,
-                              elem_id="sketch_sampling_steps")
-            cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=DEFAULT_CFG, step=0.01,
-                            elem_id="sketch_cfg")
-            n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT, elem_id="sketch_n_prompt")
+            width, height, steps, cfg, n_prompt = keyframe_sampling_controls(
+                "sketch_width", "sketch_height", "sketch_sampling_steps", "sketch_cfg", "sketch_n_prompt")
         with gr.Column():
             with gr.Row():
                 lineart_button = gr.Button(value="Extract Line Art", elem_id="lineart_button")
