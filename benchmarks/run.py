@@ -106,13 +106,15 @@ def build_models(manager, configs: dict[str, dict], device: torch.device) -> Non
 
 
 def with_mode(shared, mode: str, batch_cfg: Optional[bool] = None, cuda_graphs: bool = False,
-              channels_last: Optional[bool] = None, segment_batch: Optional[int] = None):
+              channels_last: Optional[bool] = None, segment_batch: Optional[int] = None,
+              fused_kernels: bool = False):
     """A manager in VRAM ``mode`` over the already built models of ``shared`` (built once per run)."""
     from paints_undo.models import ModelManager, SingleFrameModels
     from single_frame import KDiffusionSampler
 
     manager = ModelManager(device=shared.device, vram_mode=mode, compile=shared.compile, batch_cfg=batch_cfg,
-                           cuda_graphs=cuda_graphs, channels_last=channels_last, segment_batch=segment_batch)
+                           cuda_graphs=cuda_graphs, channels_last=channels_last, segment_batch=segment_batch,
+                           fused_kernels=fused_kernels)
     sf = shared._single
     sampler = KDiffusionSampler(sf.unet, timesteps=1000, linear_start=0.00085, linear_end=0.020, linear=True,
                                 batched_cfg=manager.use_batch_cfg)
@@ -288,6 +290,8 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
 
     ``decode_band_bytes``: band size for the low-VRAM decode check (the low mode's own at full size).
     """
+    from diffusers_vdm import fused_kernels
+
     pipe = manager._multi.pipeline
     device, dtype = pipe.unet.device, pipe.unet.dtype
     h, w = bucket
@@ -344,6 +348,17 @@ def compare_paths(manager, bucket: tuple[int, int], steps: int, decode_band_byte
         out["video_latents_channels_last_vs_channels_first_max_abs"] = max_abs(fast_kernels, channels_last)
         out["video_latents_segment_batch_vs_one_at_a_time_max_abs"] = max_abs(channels_last, together)
         out["video_latents_app_defaults_vs_reference_max_abs"] = max_abs(ref, together)
+        if device.type == "cuda" and fused_kernels.usable(kw["concat_cond"]):
+            # The fused Triton kernels (opt-in) against the same channels-last path without them.
+            fused_before = pipe.unet.fused_kernels
+            pipe.unet.set_channels_last(True)
+            pipe.unet.set_fused_kernels(True)
+            try:
+                fused = sample(batch_cfg=True, graphs=False, reference_kernels=False)
+            finally:
+                pipe.unet.set_fused_kernels(fused_before)
+                pipe.unet.set_channels_last(False)
+            out["video_latents_fused_kernels_vs_channels_last_max_abs"] = max_abs(channels_last, fused)
         if device.type == "cuda":
             graphed = sample(batch_cfg=True, graphs=True, reference_kernels=False)
             out["video_latents_cuda_graph_vs_eager_max_abs"] = max_abs(fast_kernels, graphed)
@@ -426,8 +441,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "UNet channels-last, in high mode all segments in as few batches as memory holds), "
                              "optionally with '-compile', '-graphs', '-nhwc' / '-nchw' (force the video UNet's "
                              "layout), '-segbatch' / '-onebyone' (force all video segments as one batch / one "
-                             "at a time) and/or '-twopass' (guidance branches as two UNet calls); e.g. "
-                             "high-compile, low-twopass, high-nchw-onebyone (the earlier default)")
+                             "at a time), '-fused' (the fused Triton kernels, --fused-kernels) and/or '-twopass' "
+                             "(guidance branches as two UNet calls); e.g. high-compile, low-twopass, "
+                             "high-nchw-onebyone (the earlier default), high-fused")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -502,7 +518,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         layout = True if "nhwc" in variants else False if "nchw" in variants else None
         together = len(settings.undo_steps) + 1 if "segbatch" in variants else 1 if "onebyone" in variants else None
         manager = with_mode(shared, vram_mode, batch_cfg=False if two_passes else None,
-                            cuda_graphs="graphs" in variants, channels_last=layout, segment_batch=together)
+                            cuda_graphs="graphs" in variants, channels_last=layout, segment_batch=together,
+                            fused_kernels="fused" in variants)
         mode_settings = JobSettings(**{**settings.__dict__})
         if index > 0 and args.other_modes_segments and manager.video_segment_batch == 1:
             mode_settings.segments = args.other_modes_segments
@@ -522,6 +539,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         entry: dict[str, Any] = {"batch_cfg": manager.use_batch_cfg, "segments": mode_settings.segments or "all",
                                  "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
                                  "channels_last": manager.use_channels_last,
+                                 "fused_kernels": manager.use_fused_kernels,
                                  "video_segment_batch": manager.video_segment_batch,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
                                  "vae_decode_band_bytes": manager.memory.vae_decode_band_bytes,

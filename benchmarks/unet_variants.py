@@ -18,12 +18,14 @@ the first (reference) variant's:
   (``--compile-regional``): blocks of one class and shape reuse one compiled graph, so the warm-up
   is shorter, at the cost of fusions across block boundaries;
 * ``default+channels-last+cuda-graph``: channels-last replayed through a CUDA graph;
+* ``default+channels-last+fused`` (``--fused``): channels-last with the group norms (and the SiLU
+  after them) and the feed-forward gates as one-pass Triton kernels (``UNet3DModel.set_fused_kernels``);
 * ``default xK`` / ``default+channels-last xK`` (``--segment-batch K,...``): K video segments per step
   (batch 2K), as ``--segment-batch`` samples them; ``ms_per_segment`` is comparable to the
-  one-segment step time.
+  one-segment step time (with ``--fused``, also ``default+channels-last+fused xK``).
 
 ``--quick`` skips the variants already measured in earlier runs (the original's kernels, clip norms
-alone, CUDA graphs) and makes ``default`` the reference.
+alone, CUDA graphs, channels-first segment batches) and makes ``default`` the reference.
 
 ``--profile`` prints the kernels that take the most GPU time (``torch.profiler``). Results go to
 ``--out`` as JSON. CUDA only; ``--tiny`` runs the tiny config on CPU as a smoke test.
@@ -147,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each variant's timed ones")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the default variant")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
     parser.add_argument("--compile-regional", action="store_true",
@@ -157,7 +160,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma list: also time the default and channels-last UNet with this many segments "
                              "per step")
     parser.add_argument("--quick", action="store_true",
-                        help="skip the original's kernels, clip norms alone and CUDA graphs (measured before)")
+                        help="skip the original's kernels, clip norms alone, CUDA graphs and channels-first "
+                             "segment batches (measured before)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the channels-last UNet with the fused Triton kernels (needs Triton; on "
+                             "the CPU, Triton's interpreter: TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -191,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def measure(name: str, fn: Callable[[], torch.Tensor], **extra) -> float:
         nonlocal reference
-        ms, times = time_ms(fn, device, args.iters)
+        ms, times = time_ms(fn, device, args.iters, warmup=args.warmup)
         out = fn().float()
         if reference is None:
             reference = out.clone()
@@ -217,6 +224,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     measure_and_profile("default", "profile_default")
     unet.set_channels_last(True)
     measure_and_profile("default+channels-last", "profile_channels_last")
+    layouts = [(False, False), (True, False)][1 if args.quick else 0:]  # (channels-last, fused)
+    if args.fused:
+        from diffusers_vdm import fused_kernels
+
+        if fused_kernels.usable(inputs["x"]):
+            unet.set_fused_kernels(True)
+            measure_and_profile("default+channels-last+fused", "profile_fused")
+            unet.set_fused_kernels(False)
+            layouts.append((True, True))
+        else:
+            report["variants"]["fused_error"] = "Triton cannot run here (no Triton, or no CUDA GPU and no interpreter)"
+            logger.warning("%s", report["variants"]["fused_error"])
     unet.set_channels_last(False)
 
     for clips in args.segment_batch:
@@ -229,13 +248,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         def batch_step() -> torch.Tensor:
             return unet(**batch_inputs)[:2]  # the first segment's, compared with the one-segment step
 
-        for layout in (False, True):
+        for layout, fused in layouts:
             unet.set_channels_last(layout)
-            name = f"default{'+channels-last' if layout else ''} x{clips}"
+            unet.set_fused_kernels(fused)
+            name = f"default{'+channels-last' if layout else ''}{'+fused' if fused else ''} x{clips}"
             ms = measure(name, batch_step, segments=clips)
             report["variants"][name]["ms_per_segment"] = round(ms / clips, 3)
             write_report()
         unet.set_channels_last(False)
+        unet.set_fused_kernels(False)
         del batch_inputs, batch_step
 
     def through_graph(module: torch.nn.Module) -> Callable[[], torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_kernels
 from .normalization import ClipGroupNorm, GroupNorm
 
 ContextType = Union[None, torch.Tensor, Sequence[torch.Tensor]]
@@ -243,26 +244,32 @@ class GEGLU(nn.Module):
     separate, contiguous tensors (the same dot products), so that the GELU and the product run as
     vectorised kernels rather than over the strided halves of one tensor: 3 % of a video-UNet step
     on an H100. Elsewhere, and with ``split = False``, it is the original's single product.
+
+    ``fused`` (``UNet3DModel.set_fused_kernels``) computes ``value * gelu(gate)`` of the two products
+    in one Triton kernel where it can run (``fused_kernels.gelu_gate``).
     """
 
     split: bool = True
+    fused: bool = False
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split and x.is_cuda:
-            return self.split_forward(x)
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.proj.weight.requires_grad)
+        fused = self.fused and not wants_grad and fused_kernels.usable(x)
+        if fused or (self.split and x.is_cuda):
+            return self.split_forward(x, fused=fused)
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
-    def split_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def split_forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         inner = self.proj.out_features // 2
         weight, bias = self.proj.weight, self.proj.bias
         value = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
         gate = F.linear(x, weight[inner:], None if bias is None else bias[inner:])
-        return value * F.gelu(gate)
+        return fused_kernels.gelu_gate(value, gate) if fused else value * F.gelu(gate)
 
 
 class FeedForward(nn.Module):

@@ -12,6 +12,8 @@ statistics. Everywhere else it is ``nn.GroupNorm`` itself, so CPU results are un
 
 ``GroupNorm`` (the base of ``ClipGroupNorm``) keeps channels-last tensors channels-last on the GPU,
 for the video UNet's channels-last layout (the default on CUDA GPUs) (``UNet3DModel.set_channels_last``).
+With ``fused`` set (``UNet3DModel.set_fused_kernels``) such norms, and the SiLU after them, run as
+the one-pass Triton kernels of ``fused_kernels``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fused_kernels
 
 
 def wide_group_norm(
@@ -66,8 +70,10 @@ def channels_last_group_norm(
     bias: Optional[torch.Tensor],
     eps: float,
     out: Optional[torch.Tensor] = None,
+    silu: bool = False,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """``F.group_norm`` of a channels-last ``x`` (4D or 5D), returned channels-last.
+    """``F.group_norm`` of a channels-last ``x`` (4D or 5D), returned channels-last (then SiLU if asked).
 
     PyTorch's CUDA group norm makes a channels-first copy of such an input and returns a
     channels-first result, which the next convolution transposes back. Here the statistics come
@@ -75,30 +81,41 @@ def channels_last_group_norm(
     reductions), are merged per group, and are folded into one float32 scale and shift per
     (sample, channel); a single ``addcmul`` then writes ``x * scale + shift`` in ``x``'s dtype and
     layout, or into ``out`` (any strides: a transformer can have its token layout written directly).
+
+    ``fused`` (where ``fused_kernels.usable``) reads ``x`` once for the statistics and once more to
+    write the result, SiLU included (``fused_kernels``), instead of twice and once plus a SiLU pass.
     """
     b, c = x.shape[:2]
     per_group = c // num_groups
     rows = x.movedim(1, -1).reshape(b, -1, c)  # a view: channels are the innermost axis
     count = rows.shape[1] * per_group
     f32 = torch.promote_types(x.dtype, torch.float32)
+    fused = fused and fused_kernels.usable(x)
     # Few kernels on the small (b, c) tensors: each costs a launch, whatever its size.
-    sums = torch.stack((rows.sum(dim=1, dtype=f32), torch.linalg.vector_norm(rows, dim=1, dtype=f32).square_()))
+    if fused:
+        sums = torch.stack(fused_kernels.channel_moments(x))
+    else:
+        sums = torch.stack((rows.sum(dim=1, dtype=f32), torch.linalg.vector_norm(rows, dim=1, dtype=f32).square_()))
     mean, mean_square = (sums.view(2, b, num_groups, per_group).sum(-1) / count).unbind(0)  # (b, groups)
     rstd = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0.0).add_(eps).rsqrt_()
     mean, rstd = mean[..., None], rstd[..., None]  # (b, groups, 1), against (groups, per_group) parameters
     grouped = (num_groups, per_group)
     scale = rstd.expand(b, *grouped) if weight is None else rstd * weight.to(f32).view(grouped)
     shift = scale * mean.neg() if bias is None else torch.addcmul(bias.to(f32).view(grouped), mean, scale, value=-1)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if fused and not wants_grad and (out is None or out.stride() == x.stride()):
+        return fused_kernels.scale_shift(x, scale, shift, silu=silu, out=out)
     broadcast = (b, c) + (1,) * (x.dim() - 2)
     shift, scale = shift.reshape(broadcast), scale.reshape(broadcast)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if wants_grad or torch.compiler.is_compiling():
         # ``out=`` has no gradient and stops a torch.compile graph; compiled, the plain form fuses anyway.
         y = torch.addcmul(shift, x, scale).to(x.dtype)
+        y = F.silu(y) if silu else y
         return y if out is None else out.copy_(y)
     if out is None:
         out = torch.empty_like(x)  # keeps the channels-last strides
-    return torch.addcmul(shift, x, scale, out=out)
+    torch.addcmul(shift, x, scale, out=out)
+    return F.silu(out, inplace=True) if silu else out
 
 
 def native_group_norm_keeps_channels_last(device: torch.device) -> bool:
@@ -108,20 +125,51 @@ def native_group_norm_keeps_channels_last(device: torch.device) -> bool:
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) that, once ``channels_last`` is set, keeps
-    channels-last inputs channels-last off the CPU (where PyTorch's own kernel already does)."""
+    channels-last inputs channels-last off the CPU (where PyTorch's own kernel already does).
+
+    ``fused`` (``UNet3DModel.set_fused_kernels``) sends channels-last inputs through the fused Triton
+    kernels where they can run; ``applies_silu`` makes the norm apply the SiLU that follows it (whose
+    ``FusableSiLU`` then passes its input through), so that a fused kernel writes both in one pass.
+    """
 
     channels_last: bool = False
+    fused: bool = False
+    applies_silu: bool = False
 
     def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The group norm of ``x``; written into ``out`` (same shape, any strides) when given."""
-        if self.channels_last and channels_last_format(x) is not None \
-                and not native_group_norm_keeps_channels_last(x.device):
-            return channels_last_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out=out)
+        """The group norm of ``x`` (then SiLU if ``applies_silu``); written into ``out`` (same shape,
+        any strides) when given."""
+        if self.channels_last and channels_last_format(x) is not None and (
+            not native_group_norm_keeps_channels_last(x.device) or (self.fused and fused_kernels.usable(x))
+        ):
+            return channels_last_group_norm(
+                x, self.num_groups, self.weight, self.bias, self.eps, out=out, silu=self.applies_silu, fused=self.fused
+            )
         y = self._forward(x)
+        if self.applies_silu:
+            y = F.silu(y)
         return y if out is None else out.copy_(y)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
+
+
+class FusableSiLU(nn.SiLU):
+    """``nn.SiLU`` that passes its input through while the group norm before it applies the SiLU
+    (``fuse_norm_silu``)."""
+
+    applied_by_norm: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.applied_by_norm else super().forward(x)
+
+
+def fuse_norm_silu(layers: nn.Sequential, enabled: bool) -> None:
+    """Let ``layers[0]``, a ``GroupNorm``, apply the ``FusableSiLU`` at ``layers[1]`` (or give it back)."""
+    norm, activation = layers[0], layers[1]
+    if not isinstance(norm, GroupNorm) or not isinstance(activation, FusableSiLU):
+        raise TypeError(f"expected GroupNorm then FusableSiLU, got {type(norm).__name__}, {type(activation).__name__}")
+    norm.applies_silu = activation.applied_by_norm = bool(enabled)
 
 
 class ClipGroupNorm(GroupNorm):

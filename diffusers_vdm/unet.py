@@ -19,7 +19,7 @@ from .attention import (
 )
 from .embeddings import timestep_embedding
 from .modeling import DeviceDtypeMixin
-from .normalization import ClipGroupNorm, GroupNorm
+from .normalization import ClipGroupNorm, FusableSiLU, GroupNorm, fuse_norm_silu
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -97,23 +97,28 @@ class TemporalConvBlock(nn.Module):
         th_kernel, th_pad = ((3, 3, 1), (1, 1, 0)) if spatial_aware else ((3, 1, 1), (1, 0, 0))
         tw_kernel, tw_pad = ((3, 1, 3), (1, 0, 1)) if spatial_aware else ((3, 1, 1), (1, 0, 0))
         self.conv1 = nn.Sequential(
-            ClipGroupNorm(32, in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, th_kernel, padding=th_pad)
+            ClipGroupNorm(32, in_channels), FusableSiLU(), nn.Conv3d(in_channels, out_channels, th_kernel, padding=th_pad)
         )
         self.conv2 = nn.Sequential(
-            ClipGroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            ClipGroupNorm(32, out_channels), FusableSiLU(), nn.Dropout(dropout),
             nn.Conv3d(out_channels, in_channels, tw_kernel, padding=tw_pad),
         )
         self.conv3 = nn.Sequential(
-            ClipGroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            ClipGroupNorm(32, out_channels), FusableSiLU(), nn.Dropout(dropout),
             nn.Conv3d(out_channels, in_channels, th_kernel, padding=th_pad),
         )
         self.conv4 = nn.Sequential(
-            ClipGroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            ClipGroupNorm(32, out_channels), FusableSiLU(), nn.Dropout(dropout),
             nn.Conv3d(out_channels, in_channels, tw_kernel, padding=tw_pad),
         )
         # Zero-init of the last conv makes the block start as the identity when trained from scratch.
         nn.init.zeros_(self.conv4[-1].weight)
         nn.init.zeros_(self.conv4[-1].bias)
+
+    def fuse_norm_activations(self, enabled: bool) -> None:
+        """Each group norm applies the SiLU after it (see ``GroupNorm.applies_silu``)."""
+        for layers in (self.conv1, self.conv2, self.conv3, self.conv4):
+            fuse_norm_silu(layers, enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
@@ -143,7 +148,7 @@ class ResBlock(nn.Module):
         self.use_temporal_conv = use_temporal_conv
 
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            normalization(channels), FusableSiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -157,7 +162,7 @@ class ResBlock(nn.Module):
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
-            nn.SiLU(),
+            FusableSiLU(),
             nn.Dropout(p=dropout),
             nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
         )
@@ -171,6 +176,14 @@ class ResBlock(nn.Module):
             self.temopral_conv = TemporalConvBlock(
                 self.out_channels, self.out_channels, dropout=0.1, spatial_aware=tempspatial_aware
             )
+
+    def fuse_norm_activations(self, enabled: bool) -> None:
+        """Each group norm applies the SiLU after it, except where a scale and shift come between."""
+        fuse_norm_silu(self.in_layers, enabled)
+        if not self.use_scale_shift_norm:
+            fuse_norm_silu(self.out_layers, enabled)
+        if self.use_temporal_conv:
+            self.temopral_conv.fuse_norm_activations(enabled)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
         """``x``: ``((b t), c, h, w)``; ``emb``: ``((b t), emb_channels)``."""
@@ -276,6 +289,7 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
         self.default_fs = default_fs
         self.fs_condition = fs_condition
         self.channels_last = False
+        self.fused_kernels = False
         time_embed_dim = model_channels * 4
 
         def heads_for(ch: int) -> tuple[int, int]:
@@ -434,6 +448,20 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
                 if enabled:
                     layout = torch.channels_last if isinstance(m, nn.Conv2d) else torch.channels_last_3d
                 m.weight.data = m.weight.data.contiguous(memory_format=layout)
+
+    def set_fused_kernels(self, enabled: bool = True) -> None:
+        """Run the memory-bound steps of channels-last steps as one-pass Triton kernels (``fused_kernels``):
+        group norms with the SiLU after them, and feed-forward gates. Needs Triton and a CUDA GPU (or
+        Triton's CPU interpreter); elsewhere the PyTorch path runs. Results differ from it by about one
+        half-precision rounding (one rounding per fused step instead of two)."""
+        self.fused_kernels = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, GroupNorm):
+                m.fused = self.fused_kernels
+            elif isinstance(m, GEGLU):
+                m.fused = self.fused_kernels
+            elif isinstance(m, ResBlock):
+                m.fuse_norm_activations(self.fused_kernels)
 
     def set_attention_batch_chunk(self, chunk: int) -> None:
         """Attend ``chunk`` batch entries at a time (0 = all): exact, lower peak memory without flash kernels."""

@@ -87,6 +87,10 @@ def add_speed_arguments(group) -> None:
                             "segment; about 2.2 GiB more per segment; segments then appear N at a time; default: "
                             "as many as the free GPU memory holds, 13%% faster per segment with 7 on an H100; "
                             "1 = one at a time)")
+    group.add_argument("--fused-kernels", action="store_true",
+                       help="run the video UNet's channels-last group norms (with the SiLU after them) and "
+                            "feed-forward gates as one-pass Triton kernels (needs Triton and a CUDA GPU; off by "
+                            "default until timed on a GPU; results differ by about one fp16 rounding)")
 
 
 def model_manager_from_args(args: argparse.Namespace) -> ModelManager:
@@ -95,7 +99,7 @@ def model_manager_from_args(args: argparse.Namespace) -> ModelManager:
     return ModelManager(sources=ModelSources.from_env(args.models_dir), device=args.device,
                         vram_mode=args.vram_mode, batch_cfg=args.batch_cfg, compile=args.compile,
                         cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
-                        segment_batch=args.segment_batch)
+                        segment_batch=args.segment_batch, fused_kernels=args.fused_kernels)
 
 
 def _int_list(text: str) -> list[int]:

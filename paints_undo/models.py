@@ -140,6 +140,9 @@ class ModelManager:
     #: the memory holds in high mode on a GPU, else one. The memory manager caps it
     #: (``MemoryManager.video_segment_batch``); see ``video_segment_batch``.
     segment_batch: Optional[int] = None
+    #: Run the video UNet's group norms + SiLU and feed-forward gates as one-pass Triton kernels
+    #: (opt-in; see ``UNet3DModel.set_fused_kernels``). Without Triton or a CUDA GPU it changes nothing.
+    fused_kernels: bool = False
     _memory: Optional[MemoryManager] = None
     _single: Optional[SingleFrameModels] = None
     _multi: Optional[MultiFrameModels] = None
@@ -165,6 +168,18 @@ class ModelManager:
     @property
     def use_channels_last(self) -> bool:
         return self.memory.video_unet_channels_last if self.channels_last is None else bool(self.channels_last)
+
+    @property
+    def use_fused_kernels(self) -> bool:
+        """``fused_kernels`` where it can act: the kernels need Triton (a warning says when it is missing)."""
+        if not self.fused_kernels:
+            return False
+        from diffusers_vdm import fused_kernels
+
+        if not fused_kernels.triton_installed():
+            logger.warning("--fused-kernels needs Triton (pip install triton); the PyTorch kernels run instead.")
+            return False
+        return True
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -334,6 +349,8 @@ class ModelManager:
         pipeline.unet.set_attention_batch_chunk(self.memory.unet_attention_batch_chunk)
         if pipeline.unet.channels_last != self.use_channels_last:
             pipeline.unet.set_channels_last(self.use_channels_last)
+        if pipeline.unet.fused_kernels != self.use_fused_kernels:
+            pipeline.unet.set_fused_kernels(self.use_fused_kernels)
         pipeline.set_cuda_graphs(self.use_cuda_graphs)
 
     # -- line art ---------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ import torch
 # Tests never reach a model hub: fail fast instead of retrying for ~24 s per call.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton's interpreter runs the fused kernels on the CPU (tests/test_fused_kernels.py). Triton reads
+# the switch when it is imported (diffusers imports it), so it is set before anything else; the
+# kernels still run only where a module's opt-in ``fused`` switch sends them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
