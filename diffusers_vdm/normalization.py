@@ -72,8 +72,10 @@ def channels_last_group_norm(
     out: Optional[torch.Tensor] = None,
     silu: bool = False,
     fused: bool = False,
+    offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``F.group_norm`` of a channels-last ``x`` (4D or 5D), returned channels-last (then SiLU if asked).
+    """``F.group_norm`` of a channels-last ``x`` (4D or 5D), or of ``x + offset`` for an ``offset`` of
+    one value per (sample, channel), returned channels-last (then SiLU if asked).
 
     PyTorch's CUDA group norm makes a channels-first copy of such an input and returns a
     channels-first result, which the next convolution transposes back. Here the statistics come
@@ -84,26 +86,40 @@ def channels_last_group_norm(
 
     ``fused`` (where ``fused_kernels.usable``) reads ``x`` once for the statistics and once more to
     write the result, SiLU included (``fused_kernels``), instead of twice and once plus a SiLU pass.
+    It also folds ``offset`` into the statistics and the shift instead of adding it in a pass of its
+    own: with per-channel sums ``S`` and ``Q`` of ``x`` and ``x²`` over ``P`` pixels, ``x + e`` has the
+    sums ``S + P e`` and ``Q + 2 e S + P e²``, and normalises to ``x * scale + (shift + e * scale)``.
+    Unfused, ``x + offset`` is computed first, as the original does.
     """
     b, c = x.shape[:2]
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, offset))
+    fused = fused and not wants_grad and fused_kernels.usable(x)
+    kernel_writes = fused and (out is None or out.stride() == x.stride())
+    if offset is not None and not kernel_writes:
+        x, offset = x + offset, None  # x's layout: the sum takes its first operand's
     per_group = c // num_groups
     rows = x.movedim(1, -1).reshape(b, -1, c)  # a view: channels are the innermost axis
     count = rows.shape[1] * per_group
     f32 = torch.promote_types(x.dtype, torch.float32)
-    fused = fused and fused_kernels.usable(x)
     # Few kernels on the small (b, c) tensors: each costs a launch, whatever its size.
     if fused:
         sums = torch.stack(fused_kernels.channel_moments(x))
     else:
         sums = torch.stack((rows.sum(dim=1, dtype=f32), torch.linalg.vector_norm(rows, dim=1, dtype=f32).square_()))
+    if offset is not None:
+        e, pixels = offset.to(f32).reshape(b, c), rows.shape[1]
+        channel_sum, channel_square = sums.unbind(0)
+        sums = torch.stack((channel_sum + pixels * e, channel_square + e * (2 * channel_sum + pixels * e)))
     mean, mean_square = (sums.view(2, b, num_groups, per_group).sum(-1) / count).unbind(0)  # (b, groups)
     rstd = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0.0).add_(eps).rsqrt_()
     mean, rstd = mean[..., None], rstd[..., None]  # (b, groups, 1), against (groups, per_group) parameters
     grouped = (num_groups, per_group)
     scale = rstd.expand(b, *grouped) if weight is None else rstd * weight.to(f32).view(grouped)
     shift = scale * mean.neg() if bias is None else torch.addcmul(bias.to(f32).view(grouped), mean, scale, value=-1)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if fused and not wants_grad and (out is None or out.stride() == x.stride()):
+    if kernel_writes:
+        if offset is not None:
+            shift = torch.addcmul(shift.reshape(b, c), e, scale.reshape(b, c))
         return fused_kernels.scale_shift(x, scale, shift, silu=silu, out=out)
     broadcast = (b, c) + (1,) * (x.dim() - 2)
     shift, scale = shift.reshape(broadcast), scale.reshape(broadcast)
@@ -136,15 +152,21 @@ class GroupNorm(nn.GroupNorm):
     fused: bool = False
     applies_silu: bool = False
 
-    def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The group norm of ``x`` (then SiLU if ``applies_silu``); written into ``out`` (same shape,
-        any strides) when given."""
+    def forward(
+        self, x: torch.Tensor, out: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The group norm of ``x``, or of ``x + offset`` (``offset`` broadcast per sample and channel,
+        ``(b, c, 1, ...)``), then SiLU if ``applies_silu``; written into ``out`` (same shape, any
+        strides) when given."""
         if self.channels_last and channels_last_format(x) is not None and (
             not native_group_norm_keeps_channels_last(x.device) or (self.fused and fused_kernels.usable(x))
         ):
             return channels_last_group_norm(
-                x, self.num_groups, self.weight, self.bias, self.eps, out=out, silu=self.applies_silu, fused=self.fused
+                x, self.num_groups, self.weight, self.bias, self.eps, out=out, silu=self.applies_silu,
+                fused=self.fused, offset=offset,
             )
+        if offset is not None:
+            x = x + offset
         y = self._forward(x)
         if self.applies_silu:
             y = F.silu(y)

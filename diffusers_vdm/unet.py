@@ -200,7 +200,8 @@ class ResBlock(nn.Module):
             h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[1:](h)
         else:
-            h = self.out_layers(h + emb_out)
+            # ``norm(h + emb_out)``: the fused norm folds the sum into its statistics (no pass of its own).
+            h = self.out_layers[1:](self.out_layers[0](h, offset=emb_out))
         h = self.skip_connection(x) + h
         if self.use_temporal_conv and num_frames:
             bt, c, hh, ww = h.shape

@@ -101,6 +101,30 @@ def test_tiny_unet_variant_timer_without_triton_records_why_fused_is_missing(tmp
     assert all(v["ms"] > 0 for v in variants.values())
 
 
+def test_tiny_fused_check(tmp_path):
+    """``fused_check.py --tiny``: the fused kernels against the PyTorch path, through Triton's interpreter."""
+    import os
+
+    from diffusers_vdm import fused_kernels
+
+    if not fused_kernels.triton_installed():
+        pytest.skip("Triton is not installed")
+    out = tmp_path / "fused.json"
+    command = [sys.executable, "benchmarks/fused_check.py", "--tiny", "--iters", "1", "--warmup", "0", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {"norm_silu", "clip_norm_silu", "geglu"}
+    for case in cases.values():
+        assert case["finite"] and case["abs_max"] > 0.5 and case["max_abs_diff"] < 1e-4
+        assert case["pytorch_ms"] > 0 and case["fused_ms"] > 0 and case["min_bytes"] > 0
+    # Where Triton cannot run, it says so and fails.
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 1 and "Triton cannot run here" in json.loads(out.read_text())["error"]
+
+
 def _benchmark_module(name: str):
     """A script of ``benchmarks/`` imported as a module (the folder is not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusers_vdm import fused_kernels
-from diffusers_vdm.normalization import FusableSiLU, GroupNorm, fuse_norm_silu
+from diffusers_vdm.normalization import FusableSiLU, GroupNorm, channels_last_group_norm, fuse_norm_silu
 
 
 @functools.cache
@@ -169,6 +169,35 @@ def test_fused_group_norm_matches_pytorch(interpreter, kernel_calls, silu, shape
 
 def channels_last_like(y: torch.Tensor, x: torch.Tensor) -> bool:
     return y.shape == x.shape and y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_fused_group_norm_folds_a_per_channel_offset_into_its_statistics(interpreter, kernel_calls, silu):
+    # The residual block's norm(h + emb): the sum never materialises, the result is the same.
+    norm, reference = _norm_and_reference(96, silu)
+    norm.channels_last = norm.fused = True
+    norm.applies_silu = silu
+    x = _channels_last(3, 96, 6, 5, offset=1.0)
+    offset = torch.randn(3, 96, 1, 1, generator=torch.Generator().manual_seed(3)) * 4.0
+    with torch.no_grad():
+        y = norm(x, offset=offset)
+        expected = reference(x + offset)
+    assert kernel_calls == {"channel_moments": 1, "scale_shift": 1}
+    assert channels_last_like(y, x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=5e-5)
+
+
+def test_group_norm_offset_is_added_first_off_the_fused_path():
+    norm, reference = _norm_and_reference(64, silu=False)
+    x = torch.randn(2, 64, 3, 4)
+    offset = torch.randn(2, 64, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(norm(x, offset=offset), reference(x + offset))  # PyTorch's kernel, as before
+        norm.channels_last = True
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(
+            channels_last_group_norm(x_last, 32, norm.weight, norm.bias, norm.eps, offset=offset),
+            reference(x + offset), rtol=1e-5, atol=2e-5)
 
 
 def test_fused_group_norm_writes_other_layouts_through_pytorch(interpreter, kernel_calls):
