@@ -2,8 +2,9 @@
 # One lent-GPU session of issue 7's measurements (see benchmarks/README.md), results under $OUT:
 #   0. the fused Triton kernels are built and checked against PyTorch on the GPU first (seconds)
 #                                                                          -> log_fused_check.txt
-#   1. video-UNet steps: default, channels-last, channels-last + fused Triton kernels, one segment
-#      and seven segments per step, with kernel profiles                  -> unet_variants.json
+#   1. video-UNet steps: default, channels-last, channels-last + fused Triton kernels, + temporal
+#      convolutions as 2D ones, + both; one and seven segments per step; kernel profiles
+#                                                                          -> unet_variants.json
 #   2. jobs: the whole default job in high mode with today's defaults (channels-last, all segments as
 #      one batch) and with --fused-kernels (+ --compare: fused vs unfused latents); two segments in
 #      normal and in low mode with today's defaults (channels-last: not yet timed in those modes);
@@ -20,7 +21,7 @@ fi
 budget=${BUDGET_S:-520}
 nvidia-smi --query-gpu=name,memory.used,clocks.max.sm --format=csv,noheader
 timeout 60 python3 benchmarks/fused_check.py 2>&1 | grep -v USDT | tee "$OUT/log_fused_check.txt"
-timeout 160 python3 benchmarks/unet_variants.py --quick --fused --profile --segment-batch 7 \
+timeout 200 python3 benchmarks/unet_variants.py --quick --fused --temporal-conv-2d --profile --segment-batch 7 \
   --out "$OUT/unet_variants.json" 2>&1 | grep -v USDT | tee "$OUT/log_variants.txt" | grep -v "^  "
 left=$((budget - SECONDS))
 echo "seconds left for the jobs: $left"

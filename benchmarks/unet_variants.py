@@ -20,9 +20,12 @@ the first (reference) variant's:
 * ``default+channels-last+cuda-graph``: channels-last replayed through a CUDA graph;
 * ``default+channels-last+fused`` (``--fused``): channels-last with the group norms (and the SiLU
   after them) and the feed-forward gates as one-pass Triton kernels (``UNet3DModel.set_fused_kernels``);
+* ``default+channels-last+conv2d`` (``--temporal-conv-2d``): channels-last with the temporal 3x1x1
+  convolutions run as 3x1 2D ones (``UNet3DModel.set_temporal_conv_2d``); with ``--fused`` too, also
+  ``default+channels-last+fused+conv2d``;
 * ``default xK`` / ``default+channels-last xK`` (``--segment-batch K,...``): K video segments per step
   (batch 2K), as ``--segment-batch`` samples them; ``ms_per_segment`` is comparable to the
-  one-segment step time (with ``--fused``, also ``default+channels-last+fused xK``).
+  one-segment step time (with ``--fused`` / ``--temporal-conv-2d``, each of their variants too).
 
 ``--quick`` skips the variants already measured in earlier runs (the original's kernels, clip norms
 alone, CUDA graphs, channels-first segment batches) and makes ``default`` the reference.
@@ -165,6 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--fused", action="store_true",
                         help="also time the channels-last UNet with the fused Triton kernels (needs Triton; on "
                              "the CPU, Triton's interpreter: TRITON_INTERPRET=1)")
+    parser.add_argument("--temporal-conv-2d", action="store_true",
+                        help="also time the channels-last UNet with its 3x1x1 temporal convolutions as 3x1 2D "
+                             "ones (with --fused: each alone and both together)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -224,18 +230,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     measure_and_profile("default", "profile_default")
     unet.set_channels_last(True)
     measure_and_profile("default+channels-last", "profile_channels_last")
-    layouts = [(False, False), (True, False)][1 if args.quick else 0:]  # (channels-last, fused)
+    # Opt-in switches on top of channels-last, alone and together: (name suffix, switch) pairs.
+    options: list[tuple[str, Callable[[bool], None]]] = []
     if args.fused:
         from diffusers_vdm import fused_kernels
 
         if fused_kernels.usable(inputs["x"]):
-            unet.set_fused_kernels(True)
-            measure_and_profile("default+channels-last+fused", "profile_fused")
-            unet.set_fused_kernels(False)
-            layouts.append((True, True))
+            options.append(("+fused", unet.set_fused_kernels))
         else:
             report["variants"]["fused_error"] = "Triton cannot run here (no Triton, or no CUDA GPU and no interpreter)"
             logger.warning("%s", report["variants"]["fused_error"])
+    if args.temporal_conv_2d:
+        options.append(("+conv2d", unet.set_temporal_conv_2d))
+    combos = [[o for i, o in enumerate(options) if mask >> i & 1] for mask in range(1, 1 << len(options))]
+
+    def switch(combo, enabled: bool) -> None:
+        for _, set_option in combo:
+            set_option(enabled)
+
+    for combo in combos:
+        switch(combo, True)
+        suffix = "".join(name for name, _ in combo)
+        measure_and_profile(f"default+channels-last{suffix}", f"profile_channels_last{suffix.replace('+', '_')}")
+        switch(combo, False)
+    layouts = [(False, []), (True, [])][1 if args.quick else 0:] + [(True, combo) for combo in combos]
     unet.set_channels_last(False)
 
     for clips in args.segment_batch:
@@ -248,15 +266,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         def batch_step() -> torch.Tensor:
             return unet(**batch_inputs)[:2]  # the first segment's, compared with the one-segment step
 
-        for layout, fused in layouts:
+        for layout, combo in layouts:
             unet.set_channels_last(layout)
-            unet.set_fused_kernels(fused)
-            name = f"default{'+channels-last' if layout else ''}{'+fused' if fused else ''} x{clips}"
+            switch(combo, True)
+            name = f"default{'+channels-last' if layout else ''}{''.join(n for n, _ in combo)} x{clips}"
             ms = measure(name, batch_step, segments=clips)
             report["variants"][name]["ms_per_segment"] = round(ms / clips, 3)
             write_report()
+            switch(combo, False)
         unet.set_channels_last(False)
-        unet.set_fused_kernels(False)
         del batch_inputs, batch_step
 
     def through_graph(module: torch.nn.Module) -> Callable[[], torch.Tensor]:

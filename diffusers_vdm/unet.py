@@ -86,8 +86,29 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
+def temporal_conv_as_2d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 3x1x1 ``Conv3d`` as a 3x1 ``Conv2d`` over ``(b, c, t, h w)``, the same sums.
+
+    Frames stay where they are in memory: a ``(b, c, t, h, w)`` clip flattens to ``(b, c, t, h w)``
+    without a copy in either layout (channels-last-3d becomes channels-last), and the kernel's weight
+    ``(o, i, 3, 1, 1)`` loses its last axis as a view. cuDNN's 2D kernels are its most tuned ones.
+    """
+    if conv.kernel_size[1:] != (1, 1) or conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) \
+            or conv.groups != 1 or conv.padding[1:] != (0, 0) or conv.padding_mode != "zeros":
+        return conv(x)
+    height, width = x.shape[3:]
+    y = F.conv2d(x.flatten(3), conv.weight.squeeze(-1), conv.bias, padding=(conv.padding[0], 0))
+    return y.unflatten(3, (height, width))
+
+
 class TemporalConvBlock(nn.Module):
-    """Four residual 3D convolutions over time (kernel 3x1x1, or 3x3x1 / 3x1x3 when spatial-aware)."""
+    """Four residual 3D convolutions over time (kernel 3x1x1, or 3x3x1 / 3x1x3 when spatial-aware).
+
+    ``as_2d`` (``UNet3DModel.set_temporal_conv_2d``) runs the 3x1x1 convolutions as 3x1 2D ones
+    (``temporal_conv_as_2d``): the same sums, through cuDNN's 2D kernels.
+    """
+
+    as_2d: bool = False
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, dropout: float = 0.0, spatial_aware: bool = False):
         super().__init__()
@@ -121,7 +142,13 @@ class TemporalConvBlock(nn.Module):
             fuse_norm_silu(layers, enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        if not self.as_2d:
+            return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        h = x
+        for layers in (self.conv1, self.conv2, self.conv3, self.conv4):
+            for layer in layers:
+                h = temporal_conv_as_2d(layer, h) if isinstance(layer, nn.Conv3d) else layer(h)
+        return x + h
 
 
 class ResBlock(nn.Module):
@@ -291,6 +318,7 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
         self.fs_condition = fs_condition
         self.channels_last = False
         self.fused_kernels = False
+        self.temporal_conv_2d = False
         time_embed_dim = model_channels * 4
 
         def heads_for(ch: int) -> tuple[int, int]:
@@ -463,6 +491,14 @@ class UNet3DModel(DeviceDtypeMixin, nn.Module):
                 m.fused = self.fused_kernels
             elif isinstance(m, ResBlock):
                 m.fuse_norm_activations(self.fused_kernels)
+
+    def set_temporal_conv_2d(self, enabled: bool = True) -> None:
+        """Run the temporal 3x1x1 convolutions as 3x1 2D convolutions (the same sums; see
+        ``temporal_conv_as_2d``). Off by default until timed on a GPU."""
+        self.temporal_conv_2d = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, TemporalConvBlock):
+                m.as_2d = self.temporal_conv_2d
 
     def set_attention_batch_chunk(self, chunk: int) -> None:
         """Attend ``chunk`` batch entries at a time (0 = all): exact, lower peak memory without flash kernels."""

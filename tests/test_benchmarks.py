@@ -83,7 +83,7 @@ def test_tiny_unet_variant_timer_segment_batch(tmp_path):
 
 
 def test_tiny_unet_variant_timer_without_triton_records_why_fused_is_missing(tmp_path):
-    """``--fused`` where Triton cannot run (here: the interpreter switched off, no CUDA GPU) times the
+    """``--fused --temporal-conv-2d`` where Triton cannot run (here: the interpreter switched off, no CUDA GPU) times the
     other variants and says why the fused ones are missing. (The interpreter runs the tiny UNet in
     about 12 s per step, too slow for a smoke run; tests/test_fused_kernels.py checks that UNet.)"""
     import os
@@ -91,14 +91,16 @@ def test_tiny_unet_variant_timer_without_triton_records_why_fused_is_missing(tmp
     out = tmp_path / "variants.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/unet_variants.py", "--tiny", "--iters", "1", "--warmup", "0", "--quick",
-         "--fused", "--segment-batch", "2", "--out", str(out)],
+         "--fused", "--temporal-conv-2d", "--segment-batch", "2", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     variants = json.loads(out.read_text())["variants"]
     assert "Triton cannot run here" in variants.pop("fused_error")
-    assert set(variants) == {"default", "default+channels-last", "default+channels-last x2"}
-    assert all(v["ms"] > 0 for v in variants.values())
+    # The other opt-in switch is still timed, alone and with segments batched.
+    assert set(variants) == {"default", "default+channels-last", "default+channels-last+conv2d",
+                             "default+channels-last x2", "default+channels-last+conv2d x2"}
+    assert all(v["ms"] > 0 and v["max_abs_diff"] < 1e-4 for v in variants.values())
 
 
 def test_tiny_fused_check(tmp_path):

@@ -168,6 +168,56 @@ def test_split_geglu_is_the_same_math(tiny_mf_repo):
     assert not any(m.split for m in gates)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_temporal_conv_as_2d_is_the_same_convolution(layout):
+    from diffusers_vdm.unet import temporal_conv_as_2d
+
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv3d(16, 24, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(2, 16, 5, 3, 4, generator=g).contiguous(memory_format=layout)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+    with torch.no_grad():
+        y = temporal_conv_as_2d(conv, x)
+        expected = conv(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    assert y.shape == expected.shape
+    if layout == torch.channels_last_3d:
+        # No copy on the way in (a view of the clip) and the layout kept on the way out.
+        assert x.flatten(3).data_ptr() == x.data_ptr() and x.flatten(3).is_contiguous(memory_format=torch.channels_last)
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_temporal_conv_as_2d_leaves_other_kernels_to_conv3d():
+    from diffusers_vdm.unet import temporal_conv_as_2d
+
+    x = torch.randn(1, 8, 4, 5, 6)
+    for conv in (nn.Conv3d(8, 8, (3, 3, 1), padding=(1, 1, 0)), nn.Conv3d(8, 8, (3, 1, 1), stride=(2, 1, 1)),
+                 nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0), padding_mode="replicate")):
+        with torch.no_grad():
+            assert torch.equal(temporal_conv_as_2d(conv, x), conv(x))
+
+
+def test_unet_temporal_conv_2d_switch(tiny_mf_repo):
+    from diffusers_vdm import UNet3DModel
+    from diffusers_vdm.loading import load_module_folder
+    from diffusers_vdm.unet import TemporalConvBlock
+
+    unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None).requires_grad_(False)
+    blocks = [m for m in unet.modules() if isinstance(m, TemporalConvBlock)]
+    g = torch.Generator().manual_seed(0)
+    d, t = unet.config["context_dim"], 3
+    inputs = dict(x=torch.randn(2, 4, t, 8, 8, generator=g), timesteps=torch.tensor([500.0, 20.0]),
+                  context_text=torch.randn(2, 77, d, generator=g), context_img=torch.randn(2, t, 16, d, generator=g),
+                  concat_cond=torch.randn(2, unet.config["in_channels"] - 4, t, 8, 8, generator=g))
+    with torch.no_grad():
+        reference = unet(**inputs)
+        unet.set_temporal_conv_2d(True)
+        assert blocks and all(m.as_2d for m in blocks) and unet.temporal_conv_2d
+        torch.testing.assert_close(unet(**inputs), reference, rtol=1e-5, atol=1e-5)
+        unet.set_temporal_conv_2d(False)
+    assert not any(m.as_2d for m in blocks)
+
+
 def test_timestep_embedding_frequencies_are_cached_and_exact():
     t = torch.tensor([0.0, 1.0, 999.0])
     first = timestep_embedding(t, 320)
