@@ -289,6 +289,20 @@ class MemoryManager:
         major, _ = torch.cuda.get_device_capability(self.device)
         return major >= 7
 
+    def fused_kernels_unavailable_reason(self) -> str:
+        """Why the opt-in fused Triton kernels cannot run on this device ('' when they can): they need
+        Triton and a CUDA GPU from Ampere on (Triton's own floor for these kernels' instructions)."""
+        from diffusers_vdm import fused_kernels
+
+        if self.device.type != "cuda":
+            return f"they run on CUDA GPUs only, and this run uses the {self.device.type.upper()}"
+        major, minor = torch.cuda.get_device_capability(self.device)
+        if major < 8:
+            return f"they need a GPU of compute capability 8.0 or newer (Ampere on); this one is {major}.{minor}"
+        if not fused_kernels.triton_installed():
+            return "they need Triton (pip install triton)"
+        return ""
+
     #: Batch entries per attention call in the video UNet (0 = all); only where flash kernels are missing.
     @property
     def unet_attention_batch_chunk(self) -> int:

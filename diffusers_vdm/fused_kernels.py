@@ -151,6 +151,9 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kernels = _kernels(interpreter_enabled())
     rows_view = _rows_view(x)
     n, rows, channels = rows_view.shape
+    if rows_view.numel() == 0:
+        zeros = torch.zeros((n, channels), dtype=torch.float32, device=x.device)
+        return zeros, zeros.clone()
     col_blocks = kernels.cdiv(channels, _BLOCK_C)
     row_blocks = kernels.cdiv(rows, _STATS_BLOCK_ROWS)
     splits = max(1, min(row_blocks, kernels.cdiv(_TARGET_PROGRAMS, n * col_blocks)))
@@ -178,6 +181,8 @@ def scale_shift(
         out = torch.empty_like(x)  # keeps the channels-last strides
     elif out.shape != x.shape or out.stride() != x.stride():
         raise ValueError("out must have x's shape and strides.")
+    if rows_view.numel() == 0:
+        return out
     scale = scale.to(torch.float32).reshape(n, channels).contiguous()
     shift = shift.to(torch.float32).reshape(n, channels).contiguous()
     grid = (kernels.cdiv(rows, _APPLY_BLOCK_ROWS), kernels.cdiv(channels, _BLOCK_C), n)

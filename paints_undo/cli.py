@@ -89,8 +89,8 @@ def add_speed_arguments(group) -> None:
                             "1 = one at a time)")
     group.add_argument("--fused-kernels", action="store_true",
                        help="run the video UNet's channels-last group norms (with the SiLU after them) and "
-                            "feed-forward gates as one-pass Triton kernels (needs Triton and a CUDA GPU; off by "
-                            "default until timed on a GPU; results differ by about one fp16 rounding)")
+                            "feed-forward gates as one-pass Triton kernels (needs Triton and a CUDA GPU from Ampere on; "
+                            "off by default until timed on a GPU; results differ by about one fp16 rounding)")
 
 
 def model_manager_from_args(args: argparse.Namespace) -> ModelManager:

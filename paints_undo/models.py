@@ -171,13 +171,12 @@ class ModelManager:
 
     @property
     def use_fused_kernels(self) -> bool:
-        """``fused_kernels`` where it can act: the kernels need Triton (a warning says when it is missing)."""
+        """``fused_kernels`` where they can run (a warning says why not, where they cannot)."""
         if not self.fused_kernels:
             return False
-        from diffusers_vdm import fused_kernels
-
-        if not fused_kernels.triton_installed():
-            logger.warning("--fused-kernels needs Triton (pip install triton); the PyTorch kernels run instead.")
+        reason = self.memory.fused_kernels_unavailable_reason()
+        if reason:
+            logger.warning("--fused-kernels is ignored: %s; the PyTorch kernels run instead.", reason)
             return False
         return True
 

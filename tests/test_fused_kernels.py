@@ -114,6 +114,13 @@ def test_scale_shift_is_one_rounding_of_the_float32_math(interpreter, silu, dtyp
     assert fused_kernels.scale_shift(x, scale, shift, silu=silu, out=out) is out and torch.equal(out, y)
 
 
+def test_kernels_accept_empty_tensors(interpreter):
+    empty = torch.empty(2, 64, 0, 3).contiguous(memory_format=torch.channels_last)
+    sums, squares = fused_kernels.channel_moments(empty)
+    assert sums.shape == squares.shape == (2, 64) and not sums.any() and not squares.any()
+    assert fused_kernels.scale_shift(empty, torch.ones(2, 64), torch.zeros(2, 64)).shape == empty.shape
+
+
 def test_scale_shift_refuses_layouts_it_cannot_write(interpreter):
     x = _channels_last(1, 64, 3, 4)
     scale = shift = torch.ones(1, 64)
@@ -300,22 +307,32 @@ def test_video_unet_fused_switch_changes_nothing_where_triton_cannot_run(kernel_
     assert not kernel_calls
 
 
-def test_model_manager_applies_the_fused_switch(tiny_mf_repo, monkeypatch, caplog):
+def test_model_manager_applies_the_fused_switch(tiny_mf_repo, fake_cuda, monkeypatch, caplog):
     from diffusers_vdm import LatentVideoDiffusionPipeline
     from paints_undo.models import ModelManager
 
     pipe = LatentVideoDiffusionPipeline.from_pretrained(tiny_mf_repo)
     assert not pipe.unet.fused_kernels
-    assert not ModelManager(device="cpu", vram_mode="high").use_fused_kernels  # opt-in
+    assert not ModelManager(device="cuda", vram_mode="high").use_fused_kernels  # opt-in
     monkeypatch.setattr(fused_kernels, "triton_installed", lambda: True)
-    ModelManager(device="cpu", vram_mode="high", fused_kernels=True).apply_memory_settings(pipe)
+    ModelManager(device="cuda", vram_mode="high", fused_kernels=True).apply_memory_settings(pipe)
     assert pipe.unet.fused_kernels
-    ModelManager(device="cpu", vram_mode="high").apply_memory_settings(pipe)
+    ModelManager(device="cuda", vram_mode="high").apply_memory_settings(pipe)
     assert not pipe.unet.fused_kernels
+    # Where they cannot run, the flag is ignored with the reason, and nothing else changes.
+    fake_cuda["capability"] = (7, 5)
+    cases = [(dict(device="cuda"), "compute capability 8.0 or newer"), (dict(device="cpu"), "CUDA GPUs only")]
+    for kwargs, reason in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ModelManager(vram_mode="high", fused_kernels=True, **kwargs).apply_memory_settings(pipe)
+        assert not pipe.unet.fused_kernels and reason in caplog.text
+    fake_cuda["capability"] = (8, 6)
     monkeypatch.setattr(fused_kernels, "triton_installed", lambda: False)
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
-        ModelManager(device="cpu", vram_mode="high", fused_kernels=True).apply_memory_settings(pipe)
-    assert not pipe.unet.fused_kernels and "needs Triton" in caplog.text
+        ModelManager(device="cuda", vram_mode="high", fused_kernels=True).apply_memory_settings(pipe)
+    assert not pipe.unet.fused_kernels and "need Triton" in caplog.text
 
 
 def test_cli_and_app_accept_the_fused_kernels_flag():
