@@ -441,9 +441,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "UNet channels-last, in high mode all segments in as few batches as memory holds), "
                              "optionally with '-compile', '-graphs', '-nhwc' / '-nchw' (force the video UNet's "
                              "layout), '-segbatch' / '-onebyone' (force all video segments as one batch / one "
-                             "at a time), '-fused' (the fused Triton kernels, --fused-kernels) and/or '-twopass' "
-                             "(guidance branches as two UNet calls); e.g. high-compile, low-twopass, "
-                             "high-nchw-onebyone (the earlier default), high-fused")
+                             "at a time), '-fused' (the fused Triton kernels, --fused-kernels), '-conv2d' "
+                             "(temporal convolutions as 2D ones) and/or '-twopass' (guidance branches as two UNet "
+                             "calls); e.g. high-compile, low-twopass, high-nchw-onebyone (the earlier default), "
+                             "high-fused-conv2d")
     parser.add_argument("--keyframe-steps", type=int, default=None)
     parser.add_argument("--video-steps", type=int, default=None)
     parser.add_argument("--segments", type=int, default=None, help="video segments to run (default: all 7)")
@@ -520,6 +521,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         manager = with_mode(shared, vram_mode, batch_cfg=False if two_passes else None,
                             cuda_graphs="graphs" in variants, channels_last=layout, segment_batch=together,
                             fused_kernels="fused" in variants)
+        # Benchmark-only switch until timed: the temporal 3x1x1 convolutions as 3x1 2D ones.
+        shared._multi.pipeline.unet.set_temporal_conv_2d("conv2d" in variants)
         mode_settings = JobSettings(**{**settings.__dict__})
         if index > 0 and args.other_modes_segments and manager.video_segment_batch == 1:
             mode_settings.segments = args.other_modes_segments
@@ -540,6 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  "compile": compiled, "cuda_graphs": manager.use_cuda_graphs,
                                  "channels_last": manager.use_channels_last,
                                  "fused_kernels": manager.use_fused_kernels,
+                                 "temporal_conv_2d": shared._multi.pipeline.unet.temporal_conv_2d,
                                  "video_segment_batch": manager.video_segment_batch,
                                  "vae_decode_frame_chunk": manager.memory.vae_decode_frame_chunk,
                                  "vae_decode_band_bytes": manager.memory.vae_decode_band_bytes,

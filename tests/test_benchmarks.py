@@ -47,6 +47,20 @@ def test_tiny_benchmark_writes_the_report(tmp_path):
     assert high["cuda_graphs"] is False and "cuda_graph_error" not in high
 
 
+def test_tiny_benchmark_mode_suffixes_for_the_opt_in_switches(tmp_path):
+    """'-conv2d' and '-fused' reach the video UNet (fused: only where it can run, so not on this CPU)."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--tiny", "--modes", "high-conv2d-fused,high", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert modes["high-conv2d-fused"]["temporal_conv_2d"] is True and modes["high"]["temporal_conv_2d"] is False
+    assert modes["high-conv2d-fused"]["fused_kernels"] is False and "CUDA GPUs only" in result.stderr
+    assert modes["high-conv2d-fused"]["job"]["finite"] and modes["high"]["job"]["finite"]
+
+
 def test_tiny_unet_variant_timer(tmp_path):
     out = tmp_path / "variants.json"
     result = subprocess.run(
