@@ -201,8 +201,8 @@ def keyframe_decode_peak(vae_config: dict, keyframes: int, height: int, width: i
 
 
 def _unet_call(unet_config: dict, batch: int, frames: int, height: int, width: int,
-               dtype: torch.dtype, channels_last: bool = False) -> Callable[[], torch.Tensor]:
-    """One video-UNet call at full size on ``meta`` (build and inputs), ready to run."""
+               dtype: torch.dtype, channels_last: bool = False) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """The video UNet at full size on ``meta`` and one call of it (inputs included), ready to run."""
     from diffusers_vdm import UNet3DModel
 
     with torch.device("meta"):
@@ -217,13 +217,13 @@ def _unet_call(unet_config: dict, batch: int, frames: int, height: int, width: i
         text = torch.empty(batch, 77, ctx, dtype=dtype)
         image = torch.empty(batch, frames, 16, ctx, dtype=dtype)
         fs = torch.full((batch,), 3, dtype=torch.long)
-    return lambda: unet(x, timesteps, context_text=text, context_img=image, concat_cond=concat, fs=fs)
+    return unet, lambda: unet(x, timesteps, context_text=text, context_img=image, concat_cond=concat, fs=fs)
 
 
 def unet_step_peak(unet_config: dict, batch: int, frames: int, height: int, width: int,
                    dtype: torch.dtype = torch.float16, channels_last: bool = False) -> int:
     """Activation peak of one video-UNet call on ``batch`` clips (2 = both guidance branches at once)."""
-    call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last)
+    _, call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last)
     with torch.device("meta"):
         return peak_bytes(call)
 
@@ -265,7 +265,7 @@ def unet_step_work(unet_config: dict, batch: int, frames: int, height: int, widt
     the floors of its time."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last)
+    _, call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last)
     flops, traffic, layouts = FlopCounterMode(display=False), OperatorTraffic(), ConvolutionLayouts()
     # The layouts are corrected above the FLOP counter, which runs attention as its math decomposition.
     with torch.device("meta"), torch.inference_mode(), flops, CudaLayouts(), traffic, layouts:
@@ -275,6 +275,57 @@ def unet_step_work(unet_config: dict, batch: int, frames: int, height: int, widt
             "memory_bound_calls": traffic.calls, "memory_bound_gb_by_op": {k: v / 1e9 for k, v in by_op.items()},
             "convolutions_channels_first": layouts.channels_first, "convolutions_channels_last": layouts.channels_last,
             "cudnn_transpose_gb": layouts.transposed_bytes / 1e9}
+
+
+def fused_kernel_traffic(unet_config: dict, batch: int, frames: int, height: int, width: int,
+                         dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """Activation traffic (bytes read plus written, GB) of the steps ``--fused-kernels`` replaces, in one
+    channels-last video-UNet call, without and with the fused kernels.
+
+    A model of what each path must move, counted per call from the tensors' sizes (not operator by
+    operator). Without: a group norm reads its input twice for its statistics (two column
+    reductions) and once more to write its result; the SiLU after it reads and writes that again; a
+    residual block's ``h + emb`` before its norm reads ``h`` and writes the sum; a gate reads
+    ``gate`` and writes ``gelu(gate)``, then reads both and writes the product. With: a norm reads
+    once for its statistics and once to write (SiLU and ``emb`` included; the temporal transformers'
+    norms, which write another layout, keep PyTorch's apply, also one read and one write); a gate
+    reads both halves and writes once.
+    """
+    from diffusers_vdm.attention import GEGLU
+    from diffusers_vdm.normalization import GroupNorm
+
+    unet, call = _unet_call(unet_config, batch, frames, height, width, dtype, channels_last=True)
+    unet.set_fused_kernels(True)  # which norms take their SiLU; on meta the PyTorch path runs all the same
+    totals = {"norm_calls": 0, "norms_with_silu": 0, "norms_with_emb": 0, "gate_calls": 0,
+              "norm_unfused": 0, "norm_fused": 0, "gate_unfused": 0, "gate_fused": 0}
+
+    def on_norm(module: GroupNorm, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        size = args[0].numel() * args[0].element_size()
+        emb = kwargs.get("offset") is not None
+        totals["norm_calls"] += 1
+        totals["norms_with_silu"] += module.applies_silu
+        totals["norms_with_emb"] += emb
+        totals["norm_unfused"] += size * (2 * emb + 4 + 2 * module.applies_silu)
+        totals["norm_fused"] += size * 3
+
+    def on_gate(module: GEGLU, args: tuple, out: torch.Tensor) -> None:
+        size = out.numel() * out.element_size()
+        totals["gate_calls"] += 1
+        totals["gate_unfused"] += size * 5
+        totals["gate_fused"] += size * 3
+
+    handles = [m.register_forward_hook(on_norm, with_kwargs=True) for m in unet.modules() if isinstance(m, GroupNorm)]
+    handles += [m.register_forward_hook(on_gate) for m in unet.modules() if isinstance(m, GEGLU)]
+    try:
+        with torch.device("meta"), torch.inference_mode():
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    gb = {key: totals.pop(key) / 1e9 for key in ("norm_unfused", "norm_fused", "gate_unfused", "gate_fused")}
+    unfused, fused = gb["norm_unfused"] + gb["gate_unfused"], gb["norm_fused"] + gb["gate_fused"]
+    return {**totals, **{f"{k}_gb": v for k, v in gb.items()}, "unfused_gb": unfused, "fused_gb": fused,
+            "saved_gb": unfused - fused}
 
 
 def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> dict[str, Any]:
@@ -297,6 +348,7 @@ def measure(configs: dict[str, dict], frames: int, height: int, width: int) -> d
     report["unet_step_work"] = unet_step_work(configs["mf_unet"], 2, frames, height, width)
     report["unet_step_work_channels_last"] = unet_step_work(configs["mf_unet"], 2, frames, height, width,
                                                             channels_last=True)
+    report["unet_step_fused_kernel_traffic"] = fused_kernel_traffic(configs["mf_unet"], 2, frames, height, width)
     # The default job's keyframe stage: 6 keyframes at 512x640 (bf16, as the original), scaled with --tiny.
     kf_height, kf_width = (640, 512) if height >= 256 else (height, width)
     for label, one in (("all at once (high, normal)", False), ("one at a time (low)", True)):
@@ -334,6 +386,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     label, work["tflop"], work["memory_bound_gb"], work["memory_bound_calls"],
                     work["convolutions_channels_first"],
                     work["convolutions_channels_first"] + work["convolutions_channels_last"], work["cudnn_transpose_gb"])
+    fused = report["unet_step_fused_kernel_traffic"]
+    logger.info("video-UNet step (both branches, channels-last): the steps --fused-kernels replaces move %.1f GB "
+                "(%d group norms, %d gates); fused, %.1f GB", fused["unfused_gb"], fused["norm_calls"],
+                fused["gate_calls"], fused["fused_gb"])
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

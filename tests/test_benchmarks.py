@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,6 +261,30 @@ def test_channels_last_unet_feeds_every_convolution_channels_last():
     assert last["tflop"] == first["tflop"]
     # The frames <-> clips views cost no copy any more.
     assert last["memory_bound_gb_by_op"].get("reshape", 0.0) < first["memory_bound_gb_by_op"]["reshape"]
+
+
+def test_fused_kernel_traffic_model_counts_every_replaced_step():
+    """The traffic model behind the fused kernels' expected gain: every group norm and gate of the UNet
+    is counted once, with the passes each path makes over its tensor."""
+    from diffusers_vdm.attention import GEGLU
+    from diffusers_vdm.normalization import GroupNorm
+    from diffusers_vdm.unet import ResBlock, TemporalConvBlock
+
+    am = _activation_memory()
+    config = json.loads((ROOT / "benchmarks" / "configs" / "tiny.json").read_text())["mf_unet"]
+    unet, _ = am._unet_call(config, 2, 4, 64, 64, torch.float16)
+    counts = {kind: sum(isinstance(m, kind) for m in unet.modules())
+              for kind in (GroupNorm, GEGLU, ResBlock, TemporalConvBlock)}
+    traffic = am.fused_kernel_traffic(config, 2, 4, 64, 64)
+    assert traffic["norm_calls"] == counts[GroupNorm] and traffic["gate_calls"] == counts[GEGLU]
+    # Each residual block's two norms and each temporal conv block's four take their SiLU; one per block adds emb.
+    assert traffic["norms_with_silu"] == 2 * counts[ResBlock] + 4 * counts[TemporalConvBlock]
+    assert traffic["norms_with_emb"] == counts[ResBlock]
+    # A gate: 5 passes over its output's size without the kernel, 3 with it.
+    assert traffic["gate_unfused_gb"] * 3 == pytest.approx(traffic["gate_fused_gb"] * 5)
+    # A norm: 4 passes (+2 for the SiLU, +2 for the emb sum) without, 3 with.
+    assert traffic["norm_fused_gb"] < traffic["norm_unfused_gb"] < traffic["norm_fused_gb"] * 8 / 3
+    assert traffic["saved_gb"] == pytest.approx(traffic["unfused_gb"] - traffic["fused_gb"]) and traffic["saved_gb"] > 0
 
 
 def test_banded_decode_lowers_the_counted_peak():
