@@ -63,8 +63,30 @@ def usable(*tensors: torch.Tensor) -> bool:
     traces, which fuses the PyTorch path itself and cannot trace a raw kernel launch)."""
     if torch.compiler.is_compiling() or not triton_installed():
         return False
-    devices = {t.device.type for t in tensors}
-    return devices == {"cuda"} or (devices == {"cpu"} and interpreter_enabled())
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return False
+    device = devices.pop()
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        return kernels_run_on(device)
+    return False
+
+
+@functools.cache
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the kernels build and run on ``device``, tried once on tiny tensors: a GPU or a Triton
+    that cannot build them (or a Triton cache that cannot be written) gives the PyTorch path, with a
+    warning, instead of a failed job."""
+    try:
+        x = torch.ones(1, _BLOCK_C, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
+        channel_moments(x)
+        scale_shift(x, torch.ones(1, _BLOCK_C, device=device), torch.zeros(1, _BLOCK_C, device=device), silu=True)
+        gelu_gate(x.flatten(), x.flatten())
+    except Exception as exc:  # whatever Triton raises when it cannot build or launch
+        logger.warning("The fused Triton kernels do not run on %s (%s); the PyTorch kernels run instead.",
+                       device, exc)
+        return False
+    return True
 
 
 @functools.cache

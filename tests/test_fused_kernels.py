@@ -42,7 +42,10 @@ def interpreter(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of each fused kernel wrapper."""
+    """Counts calls of each fused kernel wrapper (after the one-time check that the kernels run here,
+    which calls each of them once)."""
+    if fused_kernels.interpreter_enabled() and fused_kernels.triton_installed():
+        fused_kernels.kernels_run_on(torch.device("cpu"))
     calls = collections.Counter()
     for name in ("channel_moments", "scale_shift", "gelu_gate"):
         original = getattr(fused_kernels, name)
@@ -74,6 +77,27 @@ def test_kernels_run_only_on_cuda_or_under_the_interpreter(monkeypatch):
     assert not fused_kernels.usable(torch.zeros(2), torch.zeros(2, device="meta"))  # mixed devices
     monkeypatch.setattr(fused_kernels, "triton_installed", lambda: False)
     assert not fused_kernels.usable(torch.zeros(2))
+
+
+def test_kernels_that_do_not_build_leave_the_pytorch_path(interpreter, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(fused_kernels, "scale_shift", broken)
+    fused_kernels.kernels_run_on.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert not fused_kernels.usable(torch.zeros(2))
+            assert not fused_kernels.usable(torch.zeros(2))  # tried once
+        assert caplog.text.count("do not run on cpu") == 1 and "PassManager::run failed" in caplog.text
+        # A module asked to fuse then runs PyTorch's kernels.
+        norm = GroupNorm(32, 64)
+        norm.channels_last = norm.fused = True
+        x = _channels_last(1, 64, 3, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
+    finally:
+        fused_kernels.kernels_run_on.cache_clear()
 
 
 # -- the kernels ----------------------------------------------------------------------------------------
