@@ -100,6 +100,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 @pytest.fixture
+def tiny_video_unet(tiny_mf_repo):
+    """``make(frames)``: the tiny repository's video UNet (float32, eval, no gradients) and inputs of
+    one batched-CFG call on ``frames`` 8x8 latent frames (fixed seed)."""
+    from diffusers_vdm import UNet3DModel
+    from diffusers_vdm.loading import load_module_folder
+
+    def make(frames: int):
+        unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None).eval().requires_grad_(False)
+        g = torch.Generator().manual_seed(0)
+        d, channels = unet.config["context_dim"], unet.config["in_channels"]
+        inputs = dict(
+            x=torch.randn(2, 4, frames, 8, 8, generator=g), timesteps=torch.tensor([500.0, 20.0]),
+            context_text=torch.randn(2, 77, d, generator=g), context_img=torch.randn(2, frames, 16, d, generator=g),
+            concat_cond=torch.randn(2, channels - 4, frames, 8, 8, generator=g), fs=torch.full((2,), 24),
+        )
+        return unet, inputs
+
+    return make
+
+
+@pytest.fixture
 def fake_cuda(monkeypatch):
     """Pretend a CUDA GPU with ``state['free']`` bytes free and fp16/bf16 support."""
     import memory_management

@@ -197,18 +197,11 @@ def test_temporal_conv_as_2d_leaves_other_kernels_to_conv3d():
             assert torch.equal(temporal_conv_as_2d(conv, x), conv(x))
 
 
-def test_unet_temporal_conv_2d_switch(tiny_mf_repo):
-    from diffusers_vdm import UNet3DModel
-    from diffusers_vdm.loading import load_module_folder
+def test_unet_temporal_conv_2d_switch(tiny_video_unet):
     from diffusers_vdm.unet import TemporalConvBlock
 
-    unet = load_module_folder(UNet3DModel, tiny_mf_repo / "unet", torch.float32, None).requires_grad_(False)
+    unet, inputs = tiny_video_unet(frames=3)
     blocks = [m for m in unet.modules() if isinstance(m, TemporalConvBlock)]
-    g = torch.Generator().manual_seed(0)
-    d, t = unet.config["context_dim"], 3
-    inputs = dict(x=torch.randn(2, 4, t, 8, 8, generator=g), timesteps=torch.tensor([500.0, 20.0]),
-                  context_text=torch.randn(2, 77, d, generator=g), context_img=torch.randn(2, t, 16, d, generator=g),
-                  concat_cond=torch.randn(2, unet.config["in_channels"] - 4, t, 8, 8, generator=g))
     with torch.no_grad():
         reference = unet(**inputs)
         unet.set_temporal_conv_2d(True)
